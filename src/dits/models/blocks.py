@@ -1,0 +1,182 @@
+"""Transformer blocks of DiT: the four conditioning designs the paper compares (Fig. 3).
+
+All blocks are pre-norm (LayerNorm eps 1e-6), MLP ratio 4 with tanh-GELU, qkv with bias,
+and take ``(x, c, cond_tokens)``: image tokens (N, T, D), the conditioning vector
+c = t_emb + y_emb (N, D), and the conditioning as a token sequence (N, S, D) holding the
+timestep and label embeddings (used by cross-attention and in-context conditioning).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attn", "in-context")
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive LayerNorm parameters applied per sample: x * (1 + scale) + shift."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, parameter layout of timm's ``Attention`` (qkv, proj)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        # (N, T, 3, H, d/H) -> three (N, H, T, d/H): the order of the reference's weights.
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the conditioning tokens (keys and values)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(dim, dim * 2, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).reshape(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, parameter layout of timm's ``Mlp``."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _norm(dim: int, affine: bool) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
+
+
+class AdaLNZeroBlock(nn.Module):
+    """adaLN-Zero, the paper's choice: c regresses shift, scale *and a gate* per branch.
+
+    The modulation Linear is zero-initialised (see ``DiT.initialize_weights``), so every gate
+    starts at 0 and every block starts as the identity function: the network begins as a
+    (learned) linear map of its input and adds depth gradually, which is what made this
+    design train best in the paper.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=False)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=False)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
+
+    def forward(self, x, c, cond_tokens=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class AdaLNBlock(nn.Module):
+    """adaLN: c regresses the LayerNorms' shift and scale; no gate, plain residuals.
+
+    The modulation Linear is zero-initialised, so each block starts as a standard pre-norm
+    block with unit scale and zero shift (not as the identity: there is no gate).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=False)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=False)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 4 * dim, bias=True))
+
+    def forward(self, x, c, cond_tokens=None):
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class CrossAttnBlock(nn.Module):
+    """Cross-attention: self-attention, then multi-head cross-attention to the length-2
+    sequence [t_emb, y_emb], then the MLP; plain (affine) LayerNorms. ~15 % more flops."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=True)
+        self.attn = Attention(dim, num_heads)
+        self.norm_cross = _norm(dim, affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=True)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, x, c, cond_tokens=None):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm_cross(x), cond_tokens)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class InContextBlock(nn.Module):
+    """In-context conditioning: a plain ViT block. The model appends [t_emb, y_emb] as two
+    extra tokens to the sequence and drops them after the last block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=True)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=True)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, x, c, cond_tokens=None):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+BLOCKS = {
+    "adaln-zero": AdaLNZeroBlock,
+    "adaln": AdaLNBlock,
+    "cross-attn": CrossAttnBlock,
+    "in-context": InContextBlock,
+}
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then Linear(D -> p*p*C_out); both Linears zero-initialised,
+    so the untrained model predicts exactly zero. Shared by all four block designs, so the
+    comparison between them isolates the blocks."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = _norm(dim, affine=False)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))

@@ -1,0 +1,109 @@
+"""Model configurations as plain data.
+
+``DiTConfig`` fully describes a network; the twelve names of the paper (``DiT-S/2`` ...
+``DiT-XL/8``) are a size (depth, width, heads) times a patch size. ``"DiT"`` with explicit
+``depth``/``hidden_size``/``num_heads``/``patch_size`` gives any custom size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from dits.errors import UserError
+from dits.models.blocks import BLOCK_TYPES
+
+# size -> (depth, hidden_size, num_heads), Table 1 of the paper
+SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32          # latent (or pixel) side length I
+    patch_size: int = 2           # p: T = (I/p)^2 tokens
+    in_channels: int = 4          # C
+    hidden_size: int = 1152       # D
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000       # 0 = unconditional
+    learn_sigma: bool = True      # output 2C channels: eps and the variance interpolation v
+    block: str = "adaln-zero"     # one of BLOCK_TYPES
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.block not in BLOCK_TYPES:
+            raise UserError(f"unknown block design {self.block!r}; choose one of {', '.join(BLOCK_TYPES)}")
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.input_size % self.patch_size:
+            raise UserError(
+                f"input size {self.input_size} is not divisible by patch size {self.patch_size}; "
+                f"use an input size that is a multiple of {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise UserError(f"hidden_size must be a multiple of 4 (2-D sin-cos positions), got {self.hidden_size}")
+        if self.num_classes < 0:
+            raise UserError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise UserError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise UserError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def canonical_name(name: str) -> str:
+    """'DiT-XL/2', 'DiT-XL-2', 'dit_xl_2' -> 'DiT-XL/2'; 'DiT' (custom) stays."""
+    m = re.fullmatch(r"(?i)dit[-_/]?(s|b|l|xl)[-_/](\d+)", name.strip())
+    if m:
+        return f"DiT-{m.group(1).upper()}/{m.group(2)}"
+    if name.strip().lower() in ("dit", "custom"):
+        return "DiT"
+    return name
+
+
+def config_for(name: str, **overrides) -> DiTConfig:
+    """The config of a named model, with field overrides."""
+    cname = canonical_name(name)
+    base: dict = {}
+    if cname != "DiT":
+        if cname not in MODEL_NAMES:
+            raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
+                            "or 'DiT' with depth/hidden_size/num_heads/patch_size")
+        size, patch = cname[len("DiT-"):].split("/")
+        depth, hidden, heads = SIZES[size]
+        base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise UserError(f"unknown model option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(fields))}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return DiTConfig(**base)

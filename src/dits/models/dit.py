@@ -1,0 +1,155 @@
+"""The Diffusion Transformer (Peebles & Xie, 2022)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dits.errors import UserError
+from dits.models.blocks import BLOCKS, FinalLayer
+from dits.models.configs import DiTConfig
+from dits.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+
+
+class DiT(nn.Module):
+    """Noised latent (N, C, I, I), timestep t, label y -> (N, C_out, I, I).
+
+    With the default adaLN-Zero blocks the state dict is exactly the reference's
+    (``pos_embed``, ``x_embedder``, ``t_embedder``, ``y_embedder``, ``blocks.i.*``,
+    ``final_layer``), so an official checkpoint loads with ``strict=True``.
+    Keyword arguments are those of the reference constructor, plus ``block``.
+    """
+
+    def __init__(self, config: DiTConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = DiTConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a DiTConfig or keyword arguments, not both")
+        self.config = cfg = config
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.out_channels
+        self.learn_sigma = cfg.learn_sigma
+        self.patch_size = cfg.patch_size
+        self.input_size = cfg.input_size
+        self.num_heads = cfg.num_heads
+        self.num_classes = cfg.num_classes
+        self.block_type = cfg.block
+        d = cfg.hidden_size
+
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        if cfg.num_classes > 0:
+            self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
+        # Fixed, not trained; a Parameter (requires_grad=False) as in the reference so that
+        # it is part of the state dict and of the parameter count.
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d), requires_grad=False)
+        block = BLOCKS[cfg.block]
+        self.blocks = nn.ModuleList([block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        def basic_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(basic_init)
+
+        grid = int(self.config.num_tokens ** 0.5)
+        pos = sincos_2d(self.config.hidden_size, grid)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+
+        # The patch conv is initialised like a Linear on its flattened kernel.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+        if self.num_classes > 0:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # Zero the modulation: adaLN-Zero gates start at 0 (every block is the identity);
+        # adaLN scales/shifts start at 0 (plain LayerNorm).
+        for blk in self.blocks:
+            if hasattr(blk, "adaLN_modulation"):
+                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        # Zero output layer: the untrained model predicts exactly 0 (mean of eps, and the
+        # variance midway between beta_t and beta~_t).
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # ------------------------------------------------------------------ shapes
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, I, I); inverse of the patch layout of the final Linear."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, I, I) -> (N, T, p*p*C): the token layout ``unpatchify`` inverts."""
+        n, c, i, _ = x.shape
+        p, h = self.patch_size, i // self.patch_size
+        x = x.reshape(n, c, h, p, h, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * h, p * p * c)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y) -> None:
+        i, c = self.input_size, self.in_channels
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] != i or x.shape[3] != i:
+            raise UserError(f"expected input of shape (N, {c}, {i}, {i}), got {tuple(x.shape)}")
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise UserError(f"expected timesteps of shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if self.num_classes > 0:
+            if y is None:
+                raise UserError("this model is class-conditional: pass labels y")
+            if y.shape != (x.shape[0],):
+                raise UserError(f"expected labels of shape ({x.shape[0]},), got {tuple(y.shape)}")
+            top = self.num_classes + int(self.config.class_dropout_prob > 0)
+            if y.numel() and y.device.type != "meta" and (int(y.min()) < 0 or int(y.max()) >= top):
+                raise UserError(f"labels must be in 0..{top - 1} (num_classes={self.num_classes}"
+                                f"{', the last is the null label' if top > self.num_classes else ''}), "
+                                f"got {int(y.min())}..{int(y.max())}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        self._check_inputs(x, t, y)
+        tokens = self.x_embedder(x) + self.pos_embed
+        t_emb = self.t_embedder(t)
+        cond = [t_emb]
+        if self.num_classes > 0:
+            cond.append(self.y_embedder(y, self.training))
+        c = sum(cond)
+        cond_tokens = torch.stack(cond, dim=1)  # (N, 1 or 2, D)
+
+        n_extra = 0
+        if self.block_type == "in-context":
+            tokens = torch.cat([cond_tokens.to(tokens.dtype), tokens], dim=1)
+            n_extra = cond_tokens.shape[1]
+        for block in self.blocks:
+            tokens = block(tokens, c, cond_tokens)
+        tokens = tokens[:, n_extra:]
+        return self.unpatchify(self.final_layer(tokens, c))
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guided_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance in one forward pass.
+
+        The batch holds the conditional half then the unconditional half (null labels), as
+        in the reference; the first half of ``x`` is used for both. All ε channels are
+        guided unless ``guided_channels`` says how many (3 reproduces the reference's FID).
+        """
+        from dits.diffusion.guidance import combine_guided
+
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        return combine_guided(out, cfg_scale, self.in_channels, guided_channels)
