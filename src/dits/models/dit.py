@@ -118,7 +118,10 @@ class DiT(nn.Module):
                                 f"got {int(y.min())}..{int(y.max())}")
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``t`` on the original 0..T-1 scale (int or float); ``force_drop_ids`` (bool, N) is an
+        explicit label-dropout mask used instead of the random one (see ``LabelEmbedder``)."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -127,7 +130,7 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)
         cond = [t_emb]
         if self.num_classes > 0:
-            cond.append(self.y_embedder(y, self.training))
+            cond.append(self.y_embedder(y, self.training, force_drop_ids))
         c = sum(cond)
         cond_tokens = torch.stack(cond, dim=1)  # (N, 1 or 2, D)
 

@@ -98,8 +98,14 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``force_drop_ids`` (bool, N) replaces the random draw: the trainer draws the mask
+        from its own seeded generator so a run is reproducible across resumes and ranks."""
+        if force_drop_ids is not None:
+            drop = force_drop_ids.to(device=labels.device, dtype=torch.bool)
+        elif train and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        else:
+            return self.embedding_table(labels)
+        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)

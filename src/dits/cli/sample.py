@@ -1,0 +1,102 @@
+"""``dits sample``: draw samples from a run, a checkpoint, or an official DiT file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dits.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from a trained DiT",
+                       description="Sample with the EMA weights. --out FILE.npz writes ADM's layout (arr_0 uint8 "
+                                   "NxHxWxC, arr_1 labels); FILE.png a grid (one row per class); DIR one PNG each.")
+    a = p.add_argument
+    a("--ckpt", required=True, help="run directory, dits checkpoint, or reference DiT .pt (state dict)")
+    a("--model", default=None, help="model name for reference checkpoints (default: inferred from the shapes)")
+    a("--vae", default=None, help="AutoencoderKL hub id or dir to decode latents (default: the run's)")
+    a("--vae-scale", type=float, default=None, help="latent scaling factor override")
+    a("--num-samples", type=int, default=None, help="default: 8 per class for a .png grid, else 100")
+    a("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's; 4.0 for reference files)")
+    a("--guided-channels", type=int, default=None, help="guide only the first K eps channels (3 = reference FID)")
+    a("--sampler", default=None, help="ddpm | ddim | dpm++ | heun (default: ddpm)")
+    a("--steps", type=int, default=None, help="sampling steps (default: 250 for ddpm, else 50)")
+    a("--seed", type=int, default=0)
+    a("--class", dest="classes", default=None, help="comma-separated class ids (default: balanced over classes)")
+    a("--batch-size", type=int, default=256)
+    a("--device", default="auto")
+    a("--out", required=True, help="FILE.npz | FILE.png | DIR")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import numpy as np
+    import torch
+
+    from dits.checkpoint import load_model
+    from dits.sample import generate, save_folder, save_grid, save_npz
+
+    out = Path(args.out)
+    kind = out.suffix.lower()
+    if kind not in (".npz", ".png", ""):
+        raise UserError(f"--out must end in .npz or .png, or be a directory; got {args.out}")
+    if kind and not _writable(out.parent if str(out.parent) else Path(".")):
+        raise UserError(f"cannot write to {out.parent}: not a writable directory")
+    model, info = load_model(args.ckpt, model_name=args.model)
+    tc = info.get("train_config") or {}
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model.to(device)
+
+    vae_spec = args.vae or tc.get("vae")
+    vae = None
+    if vae_spec:
+        from dits.vae import check_latent_channels, load_autoencoder
+        vae = load_autoencoder(vae_spec, scaling_factor=args.vae_scale or tc.get("vae_scale"), device=device)
+        check_latent_channels(vae, model.in_channels)
+    elif not tc and model.in_channels == 4:
+        raise UserError("this looks like a latent-space model: pass --vae (e.g. stabilityai/sd-vae-ft-ema "
+                        "or a local AutoencoderKL directory) to decode its samples")
+
+    sampler = args.sampler or tc.get("sampler") or "ddpm"
+    steps = args.steps or (250 if sampler == "ddpm" else 50)
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else tc.get("cfg_scale", 4.0)
+    k = model.num_classes
+    if k == 0:
+        cfg_scale = 1.0 if args.cfg_scale is None else cfg_scale
+    labels = None
+    if args.classes:
+        try:
+            cls = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            raise UserError(f"--class takes comma-separated integers, got {args.classes!r}") from None
+        n = args.num_samples or len(cls) * (8 if kind == ".png" else 1)
+        labels = torch.tensor(cls).repeat(-(-n // len(cls)))[:n]
+        if kind == ".png":
+            labels = labels.sort(stable=True).values
+    else:
+        n = args.num_samples or ((k if k else 8) * 8 if kind == ".png" else 100)
+        if kind == ".png" and k:
+            labels = (torch.arange(n) * k // n).long()  # rows of classes, in order
+    images, labs = generate(model, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                            guided_channels=args.guided_channels, seed=args.seed, batch_size=args.batch_size,
+                            vae=vae if vae is not None and vae.downsample > 1 else None,
+                            diffusion_steps=tc.get("diffusion_steps", 1000),
+                            noise_schedule=tc.get("noise_schedule", "linear"), device=device, progress=True)
+    if kind == ".npz":
+        save_npz(out, images, labs)
+    elif kind == ".png":
+        ncol = int(np.bincount(labs).max()) if k and labels is not None else 8
+        save_grid(images, out, ncol=max(1, min(ncol, 32)))
+    else:
+        save_folder(out, images, labs)
+    print(f"wrote {n} samples ({sampler}, {steps} steps, cfg {cfg_scale}) from {info['source']} "
+          f"({info['weights']} weights) to {out}")
+    return 0
+
+
+def _writable(d: Path) -> bool:
+    import os
+    d = d if str(d) else Path(".")
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    return d.is_dir() and os.access(d, os.W_OK)

@@ -1,0 +1,132 @@
+"""Sampling a trained DiT: labels, batches, decoding, and the files people look at.
+
+``generate`` is what ``dits sample`` and the trainer's previews call. Images leave it as
+uint8 N x H x W x C (ADM's layout), converted as the reference does:
+``clamp(127.5 * x + 128, 0, 255)``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dits.checkpoint import atomic_write
+from dits.errors import UserError
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: n labels spread evenly over the classes."""
+    return torch.arange(n) % num_classes
+
+
+def grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels for a grid with one row per class: 0 x per_class, 1 x per_class, ..."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C)."""
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+@torch.no_grad()
+def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str = "ddpm", steps: int = 250,
+             cfg_scale: float = 1.0, guided_channels: int | None = None, seed: int = 0, batch_size: int = 256,
+             vae=None, clip_denoised: bool | None = None, diffusion_steps: int = 1000,
+             noise_schedule: str = "linear", device=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``n`` samples; returns (uint8 images N x H x W x C, int64 labels N).
+
+    Sample i uses seed ``seed + i``, so it does not depend on the batch size. Without
+    ``labels`` a conditional model samples balanced classes. ``vae`` (see ``dits.vae``)
+    decodes latents; pixel models clip x0 to [-1, 1] at each step, latent models do not (as
+    DiT).
+    """
+    from dits.diffusion import sample as diffusion_sample
+
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    k = model.num_classes
+    if labels is None:
+        labels = balanced_labels(n, k) if k > 0 else None
+    elif k == 0:
+        raise UserError("this model is unconditional: do not pass class labels")
+    else:
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if labels.numel() != n:
+            raise UserError(f"{labels.numel()} labels for {n} samples")
+        if labels.min() < 0 or labels.max() >= k:
+            raise UserError(f"class labels must be in 0..{k - 1}, got {int(labels.min())}..{int(labels.max())}")
+    if k == 0 and cfg_scale != 1:
+        raise UserError("classifier-free guidance needs a class-conditional model; use --cfg-scale 1")
+    pixel = vae is None or getattr(vae, "downsample", 1) == 1
+    if clip_denoised is None:
+        clip_denoised = pixel
+    shape = (model.in_channels, model.input_size, model.input_size)
+    out = []
+    starts = range(0, n, batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc="sampling", unit="img", dynamic_ncols=True)
+    for start in starts:
+        m = min(batch_size, n - start)
+        y = labels[start:start + m].to(device) if labels is not None else None
+        x = diffusion_sample(model, (m, *shape), y=y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                             guided_channels=guided_channels, learn_sigma=model.learn_sigma,
+                             noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
+                             clip_denoised=clip_denoised, seed=seed + start, device=device)
+        if vae is not None:
+            x = vae.decode(x)
+        out.append(to_uint8(x))
+        if bar is not None:
+            bar.update(m)
+    if bar is not None:
+        bar.close()
+    lab = labels.numpy().astype(np.int64) if labels is not None else np.zeros(n, dtype=np.int64)
+    return np.concatenate(out), lab
+
+
+def make_grid(images: np.ndarray, ncol: int, scale: int = 1, pad: int = 1) -> np.ndarray:
+    """uint8 N x H x W x C -> one uint8 picture, ``ncol`` per row, nearest-upscaled by ``scale``."""
+    n, h, w, c = images.shape
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path, ncol: int, min_cell: int = 64) -> Path:
+    """Save a grid PNG; small images are upscaled so each cell is at least ``min_cell`` px."""
+    from PIL import Image
+
+    scale = max(1, math.ceil(min_cell / images.shape[1]))
+    grid = make_grid(images, ncol, scale)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """ADM's sample layout: ``arr_0`` uint8 N x H x W x C, ``arr_1`` int64 labels."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, images, labels.astype(np.int64))
+    return atomic_write(path, write)
+
+
+def save_folder(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """One PNG per sample, named ``{index:06d}_{label}.png``."""
+    from PIL import Image
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        atomic_write(path / f"{i:06d}_{int(lab)}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
+    return path
