@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -227,6 +226,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     local_b = cfg.batch_size // ctx.world
 
     source, vae, channels, size = build_data(cfg, ctx)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     model = build_model(cfg, channels, size, source.num_classes).to(ctx.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -257,6 +257,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     bar = _progress(ctx.main and progress, start, cfg.steps)
     logf = open(out / "metrics.jsonl", "a") if ctx.main else None
     acc, t_last, summary = _Acc(), time.time(), {}
+    # Test hook: DITS_FAULT_AT_STEP=k kills this process (SIGKILL, like a crash or OOM-kill)
+    # right after step k, to test that --resume continues the exact trajectory.
+    fault_at = int(os.environ.get("DITS_FAULT_AT_STEP", "-1"))
     model.train()
     try:
         for step in range(start, cfg.steps):
@@ -310,6 +313,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 if ctx.main:
                     summary = preview(cfg, ema, vae, out, done, source.num_classes, ctx.device, bar)
                 ctx.barrier()
+            if done == fault_at:
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         if bar is not None:
             bar.close()

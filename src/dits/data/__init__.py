@@ -1,0 +1,1 @@
+"""Datasets: the built-in digits, image folders (ADM centre crop), and latent caches."""

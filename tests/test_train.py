@@ -1,0 +1,173 @@
+"""The trainer: exact resume after a kill, DDP = one process on the global batch, outputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dits.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dits.cli import main
+from dits.config import resolve_config
+from dits.train import StepRandomness, train
+
+TINY = dict(model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
+            warmup_steps=3, grad_clip=1.0, ema_decay=0.9, ema_warmup=True, log_every=5, ckpt_every=10,
+            sampler="ddim", sample_steps=2, samples_per_class=1, eval_samples=0, seed=3)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+
+def tiny_cfg(out, **kw):
+    return resolve_config("digits", {**TINY, "out": str(out), **kw})
+
+
+def weights(run_dir):
+    ck = load_checkpoint(latest_checkpoint(run_dir))
+    return ck["step"], ck["model"], ck["ema"]
+
+
+def dits_cli(*argv, **env):
+    """Run `python -m dits ...` in a fresh process (one thread: same float reductions every run)."""
+    return subprocess.run([sys.executable, "-m", "dits", *argv], env={**ENV, **env}, capture_output=True, text=True)
+
+
+def test_resume_after_kill_continues_the_exact_trajectory(tmp_path):
+    flags = ["--steps", "30", "--no-progress"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    straight = dits_cli("train", "--out", str(tmp_path / "straight"), *flags)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    # the same run, killed with SIGKILL right after step 17 (last checkpoint: step 10) ...
+    killed = dits_cli("train", "--out", str(tmp_path / "killed"), *flags, DITS_FAULT_AT_STEP="17")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "killed").name == "0000010.pt"
+    assert not list((tmp_path / "killed" / "checkpoints").glob("*.tmp"))
+    # ... and resumed: bit-identical weights and EMA at the end
+    resumed = dits_cli("train", "--resume", str(tmp_path / "killed"), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    s1, m1, e1 = weights(tmp_path / "straight")
+    s2, m2, e2 = weights(tmp_path / "killed")
+    assert s1 == s2 == 30
+    for k in m1:
+        assert torch.equal(m1[k], m2[k]), k
+        assert torch.equal(e1[k], e2[k]), k
+    log = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+
+
+def test_run_directory_contents(tmp_path):
+    summary = train(tiny_cfg(tmp_path, steps=10, eval_samples=20), progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "samples_0000010.png", "summary.json",
+                 "checkpoints/0000010.pt", "eval.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    ck = load_checkpoint(tmp_path / "checkpoints/0000010.pt")  # weights_only load
+    assert {"model", "ema", "opt", "step", "train_config", "model_config", "rng"} <= set(ck)
+    m = summary["digits_metric"]
+    assert m["n"] == 20 and 0 <= m["accuracy"] <= 1
+    from PIL import Image
+    grid = Image.open(tmp_path / "samples_0000010.png")
+    assert grid.size[1] >= 10 * 64  # one upscaled row per class
+
+
+def test_data_order_is_a_permutation_per_epoch():
+    r = StepRandomness(seed=0, n=10, batch=4, flip=False)
+    seen = torch.cat([r.indices(s) for s in range(5)])  # 20 draws = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(StepRandomness(0, 10, 4, False).indices(3), r.indices(3))
+
+
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    common = ["--steps", "1", "--ckpt-every", "1", "--batch-size", "8", "--no-progress", "--eval-samples", "0",
+              "--sample-every", "1000", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--seed", "5"]
+    one = dits_cli("train", "--out", str(tmp_path / "one"), *common)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "dits", "train", "--out", str(tmp_path / "two"), *common],
+                         env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _, m1, e1 = weights(tmp_path / "one")
+    _, m2, e2 = weights(tmp_path / "two")
+    before = load_checkpoint(latest_checkpoint(tmp_path / "one"))["model"]
+    for k in m1:
+        assert torch.allclose(m1[k], m2[k], atol=1e-6, rtol=0), k
+        assert torch.allclose(e1[k], e2[k], atol=1e-6, rtol=0), k
+    assert "2 process(es)" in two.stdout
+
+
+def test_train_on_image_folder_with_classes_and_flat(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 14, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    s = train(resolve_config(None, {**TINY, "data": str(tmp_path / "imgs"), "image_size": 8, "steps": 2,
+                                    "ckpt_every": 2, "batch_size": 4, "out": str(tmp_path / "run")}), progress=False)
+    ck = load_checkpoint(tmp_path / "run/checkpoints/0000002.pt")
+    assert ck["model_config"]["in_channels"] == 3 and ck["model_config"]["num_classes"] == 2
+    flat = tmp_path / "imgs" / "cat"
+    train(resolve_config(None, {**TINY, "data": str(flat), "image_size": 8, "steps": 2, "ckpt_every": 2,
+                                "batch_size": 4, "out": str(tmp_path / "run2")}), progress=False)
+    assert load_checkpoint(tmp_path / "run2/checkpoints/0000002.pt")["model_config"]["num_classes"] == 0
+
+
+def test_atomic_checkpoint_write_leaves_nothing_on_crash(tmp_path, monkeypatch):
+    target = tmp_path / "c.pt"
+    save_checkpoint(target, {"a": torch.ones(2)})
+
+    def boom(obj, f):
+        Path(f).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(target, {"a": torch.zeros(2)})
+    assert torch.equal(load_checkpoint(target)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--preset", "nope"], "unknown preset"),
+    (["train", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["train", "--model", "DiT-Q/2", "--data", "digits", "--preset", "digits"], "valid names"),
+    (["train", "--patch-size", "3"], "not divisible by patch size"),
+    (["train", "--batch-size", "0"], "batch-size"),
+])
+def test_train_bad_input(capsys, tmp_path, argv, needle):
+    code, err = run_cli(capsys, *argv, "--out", str(tmp_path / "r"), "--no-progress")
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_empty_folder_and_bad_checkpoints(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, "train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    assert code == 2 and len(err.splitlines()) == 1
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
+    code, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path / "trunc.pt"), "--out", str(tmp_path / "s.npz"))
+    assert code == 2 and "truncated" in err and not (tmp_path / "s.npz").exists()
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    code, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "s.npz"))
+    assert code == 2 and "not a DiT checkpoint" in err
+
+
+def test_resume_with_incompatible_config_and_sample_cli(capsys, tmp_path):
+    train(tiny_cfg(tmp_path, steps=2, ckpt_every=2), progress=False)
+    code, err = run_cli(capsys, "train", "--resume", str(tmp_path), "--hidden-size", "64")
+    assert code == 2 and "hidden_size" in err
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--ckpt", str(tmp_path), "--num-samples", "6", "--sampler", "ddim", "--steps", "3",
+                 "--out", str(out), "--class", "2"]) == 0
+    d = np.load(out)
+    assert d["arr_0"].shape == (6, 8, 8, 1) and d["arr_0"].dtype == np.uint8
+    assert d["arr_1"].dtype == np.int64 and (d["arr_1"] == 2).all()
+    code, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path), "--class", "12", "--out", str(out))
+    assert code == 2 and "0..9" in err
+    code, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path), "--out", "/proc/nope/s.npz")
+    assert code == 2
