@@ -1,0 +1,81 @@
+"""``dits convert``: move adaLN-Zero DiTs between dits checkpoints and diffusers.
+
+    dits convert --to diffusers CKPT OUT_DIR     # a DiTPipeline directory (transformer, scheduler[, vae])
+    dits convert --from diffusers DIR OUT        # a dits model checkpoint (OUT, a .pt file)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from dits.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert checkpoints to / from diffusers",
+        description="Convert an adaLN-Zero DiT between dits checkpoints (also official DiT .pt files and "
+                    "reference training checkpoints) and diffusers' DiTTransformer2DModel / DiTPipeline.")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to", choices=("diffusers",), help="write SRC (a checkpoint or run dir) as a DiTPipeline DST")
+    way.add_argument("--from", dest="from_", choices=("diffusers",),
+                     help="read SRC (a diffusers pipeline or transformer dir) into a dits checkpoint DST")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--model", default=None, help="model name (e.g. DiT-XL/2) if SRC's size cannot be inferred")
+    p.add_argument("--vae", default=None, metavar="ID_OR_DIR",
+                   help="--to: copy this VAE into the pipeline (else pass vae= when loading it)")
+    p.add_argument("--scheduler", default="ddim", choices=("ddim", "ddpm", "dpm"),
+                   help="--to: scheduler written with the pipeline (default ddim)")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="--to: class names for id2label: a text file (one per line) or a latent cache directory")
+    p.add_argument("--overwrite", action="store_true", help="--to: replace DST if it exists")
+    p.set_defaults(func=run)
+
+
+def _class_names(spec: str | None, info: dict) -> list[str] | None:
+    if spec is None:
+        train_config = info.get("train_config")
+        names = train_config.get("classes") if isinstance(train_config, dict) else None
+        return list(names) if names else None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from dits.data.latents import read_meta
+        return list(read_meta(path)["classes"]) or None
+    if not path.is_file():
+        raise UserError(f"class names file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return [data[k] for k in sorted(data, key=int)] if isinstance(data, dict) else list(data)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from dits.checkpoint import load_model, save_model
+    from dits.interop import diffusers as interop
+
+    if args.to:
+        model, info = load_model(args.src, model_name=args.model)
+        names = _class_names(args.class_names, info)
+        if names is not None and len(names) != model.num_classes:
+            raise UserError(f"{len(names)} class names given for a model with {model.num_classes} classes")
+        with warnings.catch_warnings(record=True) as caught:  # shown as one line each, not tracebacks
+            warnings.simplefilter("always", UserWarning)
+            out = interop.save_diffusers(model, args.dst, vae=args.vae, scheduler=args.scheduler,
+                                         class_names=names, overwrite=args.overwrite)
+        for w in caught:
+            print(f"dits convert: warning: {w.message}", file=sys.stderr)
+        print(f"wrote DiTPipeline {out} ({info.get('weights', 'model')} weights of {info.get('source', args.src)})")
+        print(f"dits convert: {interop.FREQ_SHIFT_WARNING}", file=sys.stderr)
+        return 0
+
+    model = interop.from_diffusers(args.src)
+    out = save_model(args.dst, model)
+    cfg = model.config
+    print(f"wrote dits checkpoint {out}: depth {cfg.depth}, width {cfg.hidden_size}, patch {cfg.patch_size}, "
+          f"{cfg.num_classes or 'no'} classes, input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}")
+    return 0

@@ -1,0 +1,4 @@
+"""Interoperability with other libraries (diffusers).
+
+Imported lazily: ``import dits`` never pulls in diffusers.
+"""
