@@ -153,7 +153,8 @@ def load_model(path: str | Path, model_name: str | None = None, use_ema: bool = 
     """
     file = resolve_checkpoint(path)
     obj = load_checkpoint(file)
-    info = {"source": str(file), "step": obj.get("step"), "train_config": obj.get("train_config")}
+    info = {"source": str(file), "step": obj.get("step"), "train_config": obj.get("train_config"),
+            "vae_spec": obj.get("vae_spec")}
     if obj.get("format") == FORMAT:
         cfg = DiTConfig.from_dict(obj["model_config"])
         key = "ema" if use_ema and obj.get("ema") is not None else "model"

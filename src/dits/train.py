@@ -71,84 +71,10 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 
 # ---------------------------------------------------------------------------- data
-class TensorSource:
-    """A dataset held in memory as tensors (the built-in digits)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int):
-        self.x, self.y, self.num_classes = x, y, num_classes
-
-    def __len__(self):
-        return len(self.y)
-
-    def batch(self, idx: torch.Tensor, flips: torch.Tensor):
-        x = self.x[idx].clone()
-        x[flips] = x[flips].flip(-1)
-        return x, self.y[idx]
-
-
-class DatasetSource:
-    """A map-style dataset read in parallel by a DataLoader, one step's slice at a time.
-
-    ``dataset.get(i, flip)`` returns (tensor, label)."""
-
-    def __init__(self, dataset, num_classes: int, num_workers: int = 0):
-        self.dataset, self.num_classes, self.num_workers = dataset, num_classes, num_workers
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def batch(self, idx: torch.Tensor, flips: torch.Tensor):
-        items = [self.dataset.get(int(i), bool(f)) for i, f in zip(idx, flips)]
-        return torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items], dtype=torch.long)
-
-
-def build_data(cfg: TrainConfig, ctx: Dist):
-    """(source, autoencoder, channels, size): what the model sees and how to get it."""
-    from dits.vae import IdentityAutoencoder, load_autoencoder
-
-    if cfg.latents:
-        from dits.data.latents import LatentCacheDataset
-
-        ds = LatentCacheDataset(cfg.latents, flip=False)
-        src = DatasetSource(_FlipIndexed(ds), ds.num_classes, cfg.num_workers)
-        vae = load_autoencoder(cfg.vae, scaling_factor=cfg.vae_scale, device=ctx.device) if cfg.vae else None
-        c, h = ds.latent_shape[0], ds.latent_shape[-1]
-        return src, vae, c, h
-    if cfg.data == "digits":
-        from dits.data.digits import NUM_CLASSES, load_digits_tensors
-
-        if cfg.vae:
-            raise UserError("the built-in digits train in pixel space; drop --vae")
-        x, y = load_digits_tensors()
-        return TensorSource(x, y, NUM_CLASSES), IdentityAutoencoder(1), 1, 8
-    from dits.data.folder import ImageFolderDataset
-
-    ds = ImageFolderDataset(cfg.data, cfg.image_size, flip=False)
-    vae = load_autoencoder(cfg.vae, scaling_factor=cfg.vae_scale, device=ctx.device)
-    c = vae.latent_channels
-    return DatasetSource(_FlipIndexed(ds), ds.num_classes, cfg.num_workers), vae, c, cfg.image_size // vae.downsample
-
-
-class _FlipIndexed:
-    """Adapter: ``get(i, flip)`` over datasets that return (tensor, label) from ``[i]``;
-    flipping is the trainer's decision (seeded), so it is done here on the tensor, or by the
-    dataset itself when it knows better (a latent cache stores the encoded flipped image)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def get(self, i: int, flip: bool):
-        if hasattr(self.ds, "get"):
-            return self.ds.get(i, flip)
-        x, y = self.ds[i]
-        return (x.flip(-1) if flip else x), int(y)
-
-
 class StepRandomness:
-    """Everything random about step s, for the global batch, from one seeded generator."""
+    """Everything random about step s, for the *global* batch, from generators seeded by
+    (seed, s): which examples (one random permutation per epoch), flips, t, noise, label
+    dropout. Nothing depends on the process count or on where a run was resumed."""
 
     def __init__(self, seed: int, n: int, batch: int, flip: bool):
         self.seed, self.n, self.batch, self.flip = seed, n, batch, flip
@@ -161,13 +87,120 @@ class StepRandomness:
         return self._perm
 
     def indices(self, step: int) -> torch.Tensor:
-        # Walk through one random permutation per epoch: every image once per epoch.
         pos = torch.arange(step * self.batch, (step + 1) * self.batch)
         epochs, offsets = pos // self.n, pos % self.n
         return torch.stack([self._perm_for(int(e))[int(o)] for e, o in zip(epochs, offsets)])
 
+    def flips(self, step: int) -> torch.Tensor:
+        if not self.flip:
+            return torch.zeros(self.batch, dtype=torch.bool)
+        g = torch.Generator().manual_seed((self.seed + 2) * 6_700_417 + step)
+        return torch.rand(self.batch, generator=g) < 0.5
+
     def generator(self, step: int) -> torch.Generator:
+        """For t, noise and label dropout."""
         return torch.Generator().manual_seed((self.seed + 1) * 7_919_993 + step)
+
+
+class TensorSource:
+    """A dataset held in memory as tensors (the built-in digits): batches by indexing."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int):
+        self.x, self.y, self.num_classes = x, y, num_classes
+
+    def __len__(self):
+        return len(self.y)
+
+    def batches(self, rand: StepRandomness, start: int, stop: int, lo: int, hi: int):
+        for step in range(start, stop):
+            idx, flips = rand.indices(step)[lo:hi], rand.flips(step)[lo:hi]
+            x = self.x[idx].clone()
+            x[flips] = x[flips].flip(-1)
+            yield x, self.y[idx]
+
+
+class _StepItems(torch.utils.data.Dataset):
+    """Items addressed as (index, flip, step): the dataset's flipped image (or the cached
+    latent of the flipped image) and, for caches that store posterior moments, a posterior
+    draw seeded by (step, index)."""
+
+    def __init__(self, ds, seed: int):
+        self.ds, self.seed = ds, seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, flip, step = key
+        if hasattr(self.ds, "get"):
+            g = torch.Generator().manual_seed((self.seed + 3) * 2_147_483_647 + step * 1_000_003 + i)
+            return self.ds.get(i, flip, g)
+        x, y = self.ds[i]
+        return (x.flip(-1) if flip else x), int(y)
+
+
+class _StepBatchSampler(torch.utils.data.Sampler):
+    def __init__(self, rand: StepRandomness, start: int, stop: int, lo: int, hi: int):
+        self.rand, self.start, self.stop, self.lo, self.hi = rand, start, stop, lo, hi
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            idx, flips = self.rand.indices(step)[self.lo:self.hi], self.rand.flips(step)[self.lo:self.hi]
+            yield [(int(i), bool(f), step) for i, f in zip(idx, flips)]
+
+
+class DatasetSource:
+    """A map-style dataset (image folder, latent cache) read by a DataLoader with
+    ``num_workers`` processes, one step's slice of the global batch at a time."""
+
+    def __init__(self, dataset, num_classes: int, num_workers: int, seed: int):
+        self.dataset, self.num_classes, self.num_workers, self.seed = dataset, num_classes, num_workers, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def batches(self, rand: StepRandomness, start: int, stop: int, lo: int, hi: int):
+        loader = torch.utils.data.DataLoader(
+            _StepItems(self.dataset, self.seed), batch_sampler=_StepBatchSampler(rand, start, stop, lo, hi),
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        yield from loader
+
+
+def build_data(cfg: TrainConfig, ctx: Dist):
+    """(source, autoencoder or None, channels, size): what the model sees and how to get it.
+
+    The autoencoder is None when the model's inputs come straight from the source (pixels,
+    or a latent cache without ``--vae``, which then trains without loading the VAE)."""
+    from dits.vae import load_autoencoder
+
+    if cfg.latents:
+        from dits.data.latents import LatentCacheDataset
+
+        ds = LatentCacheDataset(cfg.latents, flip=False, expect={"vae": cfg.vae} if cfg.vae else None)
+        vae = load_autoencoder(cfg.vae, scaling_factor=ds.scaling_factor, device=ctx.device) if cfg.vae else None
+        c, h = ds.latent_shape[0], ds.latent_shape[-1]
+        return DatasetSource(ds, ds.num_classes, cfg.num_workers, cfg.seed), vae, c, h
+    if cfg.data == "digits":
+        from dits.data.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors
+
+        if cfg.vae:
+            raise UserError("the built-in digits train in pixel space; drop --vae")
+        x, y = load_digits_tensors()
+        return TensorSource(x, y, NUM_CLASSES), None, 1, IMAGE_SIZE
+    from dits.data.folder import ImageFolderDataset
+
+    ds = ImageFolderDataset(cfg.data, cfg.image_size, flip=False)
+    source = DatasetSource(ds, ds.num_classes, cfg.num_workers, cfg.seed)
+    if not cfg.vae:
+        return source, None, 3, cfg.image_size
+    vae = load_autoencoder(cfg.vae, scaling_factor=cfg.vae_scale, device=ctx.device)
+    if cfg.image_size % vae.downsample:
+        raise UserError(f"image size {cfg.image_size} is not divisible by the VAE's downsampling {vae.downsample}")
+    return source, vae, vae.latent_channels, cfg.image_size // vae.downsample
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -226,6 +259,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     local_b = cfg.batch_size // ctx.world
 
     source, vae, channels, size = build_data(cfg, ctx)
+    # how to decode samples later (`dits sample`): the VAE given, or the one that made the cache
+    vae_spec = cfg.vae or getattr(getattr(source, "dataset", None), "vae_spec", None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     model = build_model(cfg, channels, size, source.num_classes).to(ctx.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -260,16 +295,15 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     # Test hook: DITS_FAULT_AT_STEP=k kills this process (SIGKILL, like a crash or OOM-kill)
     # right after step k, to test that --resume continues the exact trajectory.
     fault_at = int(os.environ.get("DITS_FAULT_AT_STEP", "-1"))
+    batches = iter(source.batches(rand, start, cfg.steps, lo, hi))
     model.train()
     try:
         for step in range(start, cfg.steps):
             # ---- the global batch's randomness, then this process's slice
             g = rand.generator(step)
-            idx = rand.indices(step)
-            flips = (torch.rand(cfg.batch_size, generator=g) < 0.5) & cfg.flip
             t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g)
             drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout_prob
-            x, y = source.batch(idx[lo:hi], flips[lo:hi])
+            x, y = next(batches)
             torch.manual_seed((cfg.seed + 1) * 1_000_033 + step * ctx.world + ctx.rank)  # e.g. VAE sampling
             x = x.to(ctx.device, non_blocking=True)
             if vae is not None and not cfg.latents:
@@ -306,7 +340,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 if ctx.main:
-                    save_checkpoint(checkpoint_path(out, done), _state(cfg, done, model, ema, opt, scaler))
+                    save_checkpoint(checkpoint_path(out, done), _state(cfg, done, model, ema, opt, scaler, vae_spec))
                     plot_losses(out / "metrics.jsonl", out / "loss.png")
                 ctx.barrier()
             if done % sample_every == 0 or done == cfg.steps:
@@ -329,8 +363,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     return summary
 
 
-def _state(cfg, step, model, ema, opt, scaler) -> dict:
-    return {"format": "dits", "version": 1, "kind": "train", "step": step,
+def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:
+    return {"format": "dits", "version": 1, "kind": "train", "step": step, "vae_spec": vae_spec,
             "model_config": model.config.to_dict(), "train_config": cfg.to_dict(),
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -404,11 +438,13 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
     """Sample a grid (one row per class) with the EMA weights; on digits, score samples."""
     from dits.sample import generate, grid_labels, save_grid
 
+    if cfg.latents and vae is None:
+        return {}  # trained from a latent cache without --vae: nothing to decode previews with
     rows = num_classes if num_classes > 0 else 8
     per = cfg.samples_per_class
     labels = grid_labels(num_classes, per) if num_classes > 0 else None
     common = dict(sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale if num_classes else 1.0,
-                  vae=vae if getattr(vae, "downsample", 1) > 1 else None, device=device,
+                  vae=vae, device=device,
                   diffusion_steps=cfg.diffusion_steps, noise_schedule=cfg.noise_schedule)
     images, _ = generate(ema, rows * per, labels=labels, seed=cfg.seed, **common)
     save_grid(images, out / f"samples_{step:07d}.png", ncol=per)

@@ -47,7 +47,7 @@ def run(args) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     model.to(device)
 
-    vae_spec = args.vae or tc.get("vae")
+    vae_spec = args.vae or info.get("vae_spec") or tc.get("vae")
     vae = None
     if vae_spec:
         from dits.vae import check_latent_channels, load_autoencoder
@@ -79,7 +79,7 @@ def run(args) -> int:
             labels = (torch.arange(n) * k // n).long()  # rows of classes, in order
     images, labs = generate(model, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                             guided_channels=args.guided_channels, seed=args.seed, batch_size=args.batch_size,
-                            vae=vae if vae is not None and vae.downsample > 1 else None,
+                            vae=vae,
                             diffusion_steps=tc.get("diffusion_steps", 1000),
                             noise_schedule=tc.get("noise_schedule", "linear"), device=device, progress=True)
     if kind == ".npz":
