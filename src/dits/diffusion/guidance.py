@@ -35,3 +35,21 @@ def combine_guided(out: torch.Tensor, cfg_scale: float, eps_channels: int,
     half = uncond + cfg_scale * (cond - uncond)
     guided = torch.cat([half, half], dim=0)
     return torch.cat([guided, rest], dim=1)
+
+
+def guided_model(model, cfg_scale: float, null_class: int, eps_channels: int,
+                 guided_channels: int | None = None):
+    """Wrap a DiT-style ``model(x, t, y)`` so that one call of N samples is guided.
+
+    The wrapper runs the conditional and the null-label halves in one forward pass of 2N,
+    combines them with :func:`combine_guided`, and returns the conditional half (N), so any
+    sampler can use it unchanged.
+    """
+    def forward(x, t, y=None, **kwargs):
+        if y is None:
+            raise ValueError("classifier-free guidance needs class labels y")
+        n = x.shape[0]
+        y_null = torch.full_like(y, int(null_class))
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), **kwargs)
+        return combine_guided(out, cfg_scale, eps_channels, guided_channels)[:n]
+    return forward
