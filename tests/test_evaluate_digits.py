@@ -99,3 +99,15 @@ def test_bad_inputs_are_user_errors(cache):
         digits.digits_metric(images[:10], labels[:10] + 10)
     with pytest.raises(UserError, match="at least 2"):
         digits.digits_metric(images[:1])
+
+
+def test_heldout_ratio_separates_real_from_noisy_digits():
+    from dits.data.digits import load_digits_arrays
+    images, labels = load_digits_arrays()
+    rng = np.random.default_rng(1)
+    idx = rng.choice(len(labels), 600)
+    real = digits.digits_metric(images[idx], labels[idx])
+    assert real["fd_heldout"] / real["fd_heldout_floor"] < 1.3
+    noisy = np.clip(images[idx].astype(float) + rng.normal(0, 64, images[idx].shape), 0, 255).astype(np.uint8)
+    bad = digits.digits_metric(noisy, labels[idx])
+    assert bad["fd_heldout"] / bad["fd_heldout_floor"] > 2.0

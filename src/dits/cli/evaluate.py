@@ -123,7 +123,10 @@ def _digits(args: argparse.Namespace) -> int:
             ("class accuracy (MLP)", _pct(d["accuracy"])),
             ("class accuracy (SVC)", _pct(d["svc_accuracy"])),
             ("FD (MLP features)", f"{d['fd']:.4f}"),
-            ("real-vs-real floor", f"{d['fd_floor']:.4f} ± {d['fd_floor_std']:.4f}")]
+            ("real-vs-real floor", f"{d['fd_floor']:.4f} ± {d['fd_floor_std']:.4f}"),
+            ("held-out FD", f"{d['fd_heldout']:.4f}"),
+            ("held-out real floor", f"{d['fd_heldout_floor']:.4f}"),
+            ("held-out ratio", f"{d['fd_heldout'] / d['fd_heldout_floor']:.2f}x")]
     for name, value in rows:
         print(f"{name:<22} {value:>16}")
     path = _json_path(args)
