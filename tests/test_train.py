@@ -77,22 +77,33 @@ def test_data_order_is_a_permutation_per_epoch():
     assert torch.equal(StepRandomness(0, 10, 4, False).indices(3), r.indices(3))
 
 
-def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    common = ["--steps", "1", "--ckpt-every", "1", "--batch-size", "8", "--no-progress", "--eval-samples", "0",
-              "--sample-every", "1000", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--seed", "5"]
-    one = dits_cli("train", "--out", str(tmp_path / "one"), *common)
+@pytest.mark.parametrize("mode,port", [("ddp", 29533), ("fsdp", 29534)])
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode, port):
+    """DDP (and FSDP) over 2 gloo processes: one step on a global batch of 8 gives the
+    weights one process gets on that batch; then both resume for a second step."""
+    common = ["--ckpt-every", "1", "--batch-size", "8", "--no-progress", "--eval-samples", "0",
+              "--sample-every", "1000", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--seed", "5"]
+    one = dits_cli("train", "--out", str(tmp_path / "one"), "--steps", "2", *common)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "-m", "dits", "train", "--out", str(tmp_path / "two"), *common],
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+              "-m", "dits", "train"]
+    extra = ["--fsdp", "true"] if mode == "fsdp" else []
+    two = subprocess.run([*launch, "--out", str(tmp_path / "two"), "--steps", "1", *common, *extra],
                          env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    _, m1, e1 = weights(tmp_path / "one")
-    _, m2, e2 = weights(tmp_path / "two")
-    before = load_checkpoint(latest_checkpoint(tmp_path / "one"))["model"]
-    for k in m1:
-        assert torch.allclose(m1[k], m2[k], atol=1e-6, rtol=0), k
-        assert torch.allclose(e1[k], e2[k], atol=1e-6, rtol=0), k
     assert "2 process(es)" in two.stdout
+    first = load_checkpoint(tmp_path / "one" / "checkpoints" / "0000001.pt")
+    _, m2, e2 = weights(tmp_path / "two")
+    for k in first["model"]:
+        assert torch.allclose(first["model"][k], m2[k], atol=1e-6, rtol=0), k
+        assert torch.allclose(first["ema"][k], e2[k], atol=1e-6, rtol=0), k
+    resumed = subprocess.run([*launch, "--resume", str(tmp_path / "two"), "--steps", "2", "--no-progress", *extra],
+                             env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, m1, _ = weights(tmp_path / "one")
+    _, m2, _ = weights(tmp_path / "two")
+    for k in m1:
+        assert torch.allclose(m1[k], m2[k], atol=1e-5, rtol=0), k
 
 
 def test_train_on_image_folder_with_classes_and_flat(tmp_path):

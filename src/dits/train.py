@@ -29,7 +29,7 @@ from dits.models import DiT, create_model
 
 # Config keys that may change when resuming; anything else must match the checkpoint.
 RESUMABLE_KEYS = {"steps", "log_every", "ckpt_every", "sample_every", "eval_samples", "num_workers", "device",
-                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale"}
+                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale", "fsdp", "precision"}
 
 
 # ---------------------------------------------------------------------------- processes
@@ -263,18 +263,25 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     vae_spec = cfg.vae or getattr(getattr(source, "dataset", None), "vae_spec", None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     model = build_model(cfg, channels, size, source.num_classes).to(ctx.device)
+    if state is not None:
+        model.load_state_dict(state["model"])
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+    net = model
+    if cfg.fsdp:
+        if ctx.world < 2:
+            raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+        shard(model)
+        shard(ema)  # sharded the same way, so the EMA update is a local operation on each shard
+    elif ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        load_optimizer_state(model, opt, state["opt"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-    net = model
-    if ctx.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     diffusion = create_diffusion("", noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                  diffusion_steps=cfg.diffusion_steps)
     rand = StepRandomness(cfg.seed, len(source), cfg.batch_size, cfg.flip)
@@ -326,7 +333,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             scaler.update()
             update_ema(ema, model, ema_decay_at(cfg, step))
             done = step + 1
-            acc.add(losses, gnorm)
+            acc.add(losses, gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
             if bar is not None:
                 bar.update(1)
             # ---- bookkeeping (rank 0 writes; every rank joins the collective parts)
@@ -339,13 +346,16 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                ckpt = _state(cfg, done, model, ema, opt, scaler, vae_spec)  # collective under FSDP
                 if ctx.main:
-                    save_checkpoint(checkpoint_path(out, done), _state(cfg, done, model, ema, opt, scaler, vae_spec))
+                    save_checkpoint(checkpoint_path(out, done), ckpt)
                     plot_losses(out / "metrics.jsonl", out / "loss.png")
+                del ckpt
                 ctx.barrier()
             if done % sample_every == 0 or done == cfg.steps:
+                sampler_model = ema if not cfg.fsdp else _full_copy(ema, cfg, channels, size, source.num_classes, ctx)
                 if ctx.main:
-                    summary = preview(cfg, ema, vae, out, done, source.num_classes, ctx.device, bar)
+                    summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar)
                 ctx.barrier()
             if done == fault_at:
                 import signal
@@ -359,14 +369,54 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         summary = {"steps": cfg.steps, "run_dir": str(out), **summary}
         atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if ctx.world > 1:
+        ctx.barrier()  # leave together: a process that tears down gloo while a peer still talks aborts
         dist.destroy_process_group()
     return summary
 
 
+def shard(model: DiT) -> None:
+    """FSDP (PyTorch's ``fully_shard``): each block is its own unit, so only one block's
+    full weights exist at a time; the embedders and final layer form the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _full_state(module) -> dict:
+    """The full (unsharded) state dict on the CPU; a collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, state: dict) -> None:
+    """Optimizer state saved keyed by parameter names, so DDP and FSDP runs resume each other."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def _full_copy(ema, cfg, channels, size, num_classes, ctx) -> DiT | None:
+    """An unsharded copy of the (FSDP) EMA model for sampling on rank 0 (None elsewhere).
+    Every process must call it: gathering the shards is a collective."""
+    full = _full_state(ema)  # CPU-offloaded: only rank 0 receives the tensors
+    if not ctx.main:
+        return None
+    copy_ = build_model(cfg, channels, size, num_classes)
+    copy_.load_state_dict(full)
+    return copy_.to(ctx.device).eval()
+
+
 def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {"format": "dits", "version": 1, "kind": "train", "step": step, "vae_spec": vae_spec,
             "model_config": model.config.to_dict(), "train_config": cfg.to_dict(),
-            "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "model": _full_state(model), "ema": _full_state(ema), "opt": opt_state,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
