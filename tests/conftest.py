@@ -8,6 +8,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny tensors: on a small shared CPU, OpenMP threads spinning against each
+    other (and against the subprocesses some tests start) make them many times slower."""
+    import torch
+    from threadpoolctl import threadpool_limits  # BLAS too (numpy/scipy/sklearn)
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _isolated_cache():
     """The digits classifier and Inception caches go to a temp dir, not ~/.cache/dits."""
     with tempfile.TemporaryDirectory(prefix="dits-cache-") as d:

@@ -10,14 +10,6 @@ from dits.diffusion import (GaussianDiffusion, Schedule, create_diffusion, discr
 from dits.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add spin-wait overhead on shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------- schedules
 def test_linear_schedule_endpoints_scale_with_T():

@@ -19,13 +19,6 @@ MU, SD = 0.3, 0.5
 AB = Schedule.named().alphas_cumprod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _flow(x, ab_from, ab_to, mu=MU, sd=SD):
     v_from = math.sqrt(ab_from * sd ** 2 + 1 - ab_from)

@@ -14,19 +14,6 @@ from dits.evaluate.digits import real_digits
 from dits.evaluate.reference import reference_features
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small shared test machine: two contending threads are far slower than one
-    # (see test_evaluate_inception); the same holds for BLAS in the 2048-d eigh.
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DITS_CACHE", str(tmp_path_factory.getbasetemp() / "cli-cache"))

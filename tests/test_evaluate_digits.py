@@ -9,15 +9,12 @@ from dits.evaluate import digits
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A private cache dir, with the classifier fitted once for this module."""
-    from threadpoolctl import threadpool_limits
-
     path = tmp_path_factory.mktemp("dits-cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("DITS_CACHE", str(path))
     digits._MEMO.clear()
-    with threadpool_limits(1):  # small shared machine: contending BLAS threads are slow
-        digits.load_classifier()
-        yield path
+    digits.load_classifier()
+    yield path
     mp.undo()
     digits._MEMO.clear()
 

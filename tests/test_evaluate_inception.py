@@ -83,15 +83,6 @@ def random_state_dict(seed: int = 0) -> dict:
     return sd
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The test machine is small and shared: with 2 OpenMP threads competing with other
-    # jobs a forward pass is ~10x slower than with one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def state_dict():

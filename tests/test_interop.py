@@ -18,15 +18,6 @@ from dits.models import create_model  # noqa: E402
 TIMES = (0, 1, 10, 250, 999)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared, busy CPU: OpenMP threads spinning against each other make them
-    # ~40x slower. One thread for this module, restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny(**kw):
     args = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=4, num_classes=10)

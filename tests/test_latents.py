@@ -22,14 +22,6 @@ from dits.vae import LatentAutoencoder, load_autoencoder  # noqa: E402
 SIZE = 32  # images 32px -> latents 4x16x16 with the tiny VAE (downsampling 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny convolutions on a shared CPU: one thread avoids OpenMP threads fighting
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

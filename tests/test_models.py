@@ -1,7 +1,6 @@
 """DiT model family: closed forms, invariants, reference layout, parameter counts."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

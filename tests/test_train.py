@@ -113,7 +113,7 @@ def test_train_on_image_folder_with_classes_and_flat(tmp_path):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (12, 14, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    s = train(resolve_config(None, {**TINY, "data": str(tmp_path / "imgs"), "image_size": 8, "steps": 2,
+    train(resolve_config(None, {**TINY, "data": str(tmp_path / "imgs"), "image_size": 8, "steps": 2,
                                     "ckpt_every": 2, "batch_size": 4, "out": str(tmp_path / "run")}), progress=False)
     ck = load_checkpoint(tmp_path / "run/checkpoints/0000002.pt")
     assert ck["model_config"]["in_channels"] == 3 and ck["model_config"]["num_classes"] == 2

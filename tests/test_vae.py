@@ -13,14 +13,6 @@ from dits.vae import (IdentityAutoencoder, LatentAutoencoder, check_latent_chann
                       load_autoencoder, vae_key)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny convolutions on a shared CPU: one thread avoids OpenMP threads fighting
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):

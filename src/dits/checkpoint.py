@@ -13,16 +13,15 @@ training checkpoint ``{"model", "ema", "opt", "args"}``.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from dits.errors import UserError
-from dits.models import DiT, DiTConfig, create_model
+from dits.fileio import atomic_write
+from dits.models import DiT, DiTConfig
 from dits.models.configs import SIZES, canonical_name
 
 FORMAT = "dits"
@@ -30,28 +29,6 @@ CKPT_DIR = "checkpoints"
 
 
 # ------------------------------------------------------------------ raw files
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half file
-    under the final name (the temp file lives in the same directory, so the rename is atomic)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable output path") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_checkpoint(path: str | Path, obj: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dits.checkpoint import atomic_write
+from dits.fileio import atomic_write, write_npz_atomic
 from dits.errors import UserError
 
 
@@ -114,10 +114,7 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: int, min_cell: int = 6
 
 def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
     """ADM's sample layout: ``arr_0`` uint8 N x H x W x C, ``arr_1`` int64 labels."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, images, labels.astype(np.int64))
-    return atomic_write(path, write)
+    return write_npz_atomic(path, images, labels.astype(np.int64))
 
 
 def save_folder(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dits.checkpoint import (atomic_write, checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint)
+from dits.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from dits.fileio import atomic_write, write_json_atomic, write_text_atomic
 from dits.config import TrainConfig
 from dits.errors import UserError
 from dits.models import DiT, create_model
@@ -289,7 +290,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(_yaml(cfg.to_dict())))
+        write_text_atomic(out / "config.yaml", _yaml(cfg.to_dict()))
         _truncate_log(out / "metrics.jsonl", start)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"dits train: {cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.latents or cfg.data}, "
@@ -367,7 +368,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             logf.close()
     if ctx.main:
         summary = {"steps": cfg.steps, "run_dir": str(out), **summary}
-        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        write_json_atomic(out / "summary.json", summary)
     if ctx.world > 1:
         ctx.barrier()  # leave together: a process that tears down gloo while a peer still talks aborts
         dist.destroy_process_group()
@@ -475,7 +476,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def _yaml(d: dict) -> str:

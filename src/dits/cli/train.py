@@ -6,7 +6,6 @@ and the command line can set the same things.
 from __future__ import annotations
 
 import argparse
-import typing
 
 HELP = {
     "data": "'digits' (built in) or an image folder (class subfolders = labels, flat = unconditional)",

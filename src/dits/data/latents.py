@@ -34,13 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dits.errors import UserError
+from dits.fileio import write_json_atomic, write_text_atomic
 
 FORMAT = "dits-latent-cache"
 VERSION = 1
@@ -49,23 +49,6 @@ POSTERIORS = ("sample", "moments")
 # Settings that must agree for a rerun to continue an existing cache.
 _RESUME_KEYS = ("vae", "scaling_factor", "image_size", "channels", "dtype", "variants", "posterior", "seed", "n",
                 "files_sha256")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    _write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def read_meta(cache_dir: str | os.PathLike) -> dict:
@@ -161,8 +144,8 @@ def extract_latents(data: str | os.PathLike, vae, image_size: int, out: str | os
         latents = np.lib.format.open_memmap(lat_path, mode="w+", dtype=dtype, shape=(n, variants, *shape))
         stds = np.lib.format.open_memmap(std_path, mode="w+", dtype=dtype, shape=latents.shape) if moments else None
         labels = np.lib.format.open_memmap(lab_path, mode="w+", dtype=np.int64, shape=(n,))
-        _write_atomic(out / "files.txt", "".join(f"{r}\n" for r in rel))
-        _write_json_atomic(out / "meta.json", meta)
+        write_text_atomic(out / "files.txt", "".join(f"{r}\n" for r in rel))
+        write_json_atomic(out / "meta.json", meta, indent=1)
     if meta["done"] >= n:
         return out
 
@@ -192,7 +175,7 @@ def extract_latents(data: str | os.PathLike, vae, image_size: int, out: str | os
             labels.flush()
             row += b
             meta["done"] = row
-            _write_json_atomic(out / "meta.json", meta)
+            write_json_atomic(out / "meta.json", meta, indent=1)
             if bar is not None:
                 bar.update(b)
     finally:

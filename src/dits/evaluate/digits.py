@@ -29,8 +29,6 @@ second opinion on class accuracy.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -151,18 +149,10 @@ def fit_classifier() -> DigitsClassifier:
 
 
 def _save(clf: DigitsClassifier, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digits-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, recipe=np.array(RECIPE), w1=clf.w1, b1=clf.b1, w2=clf.w2, b2=clf.b2,
-                     heldout_accuracy=clf.heldout_accuracy, n_train=clf.n_train,
-                     n_test=clf.n_test)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from dits.fileio import write_npz_atomic
+
+    write_npz_atomic(path, recipe=np.array(RECIPE), w1=clf.w1, b1=clf.b1, w2=clf.w2, b2=clf.b2,
+                     heldout_accuracy=clf.heldout_accuracy, n_train=clf.n_train, n_test=clf.n_test)
 
 
 def _load(path: Path) -> DigitsClassifier | None:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from dits.errors import UserError
+from dits.fileio import write_json_atomic, write_npz_atomic
 from dits.evaluate.cache import cache_dir
 from dits.evaluate.images import NpzImages, load_labels, open_images
 from dits.evaluate.inception import POOL3_DIM, SPATIAL_DIM, InceptionV3
@@ -55,23 +55,8 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then rename it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    write_json_atomic(path, obj)
 
 
 # --------------------------------------------------------------------------- features
@@ -206,7 +191,7 @@ def make_reference(src: str | os.PathLike, out: str | os.PathLike, net: Inceptio
         "dits_meta": np.array(json.dumps({"n_images": n, "source": str(src),
                                           "input_mode": net.input_mode})),
     }
-    atomic_write(out, lambda f: np.savez(f, **arrays))
+    write_npz_atomic(out, **arrays)
     # Evaluations against this file need arr_0's pool3: we have it already.
     if use_cache and len(keep) >= 2:
         _write_cached(_ref_cache_path(Path(out), net), {
@@ -268,7 +253,7 @@ def _ref_cache_path(path: Path, net: InceptionV3) -> Path:
 
 def _write_cached(path: Path, acts: dict) -> None:
     try:
-        atomic_write(path, lambda f: np.savez(f, **acts))
+        write_npz_atomic(path, **acts)
     except OSError:
         pass  # a read-only cache only costs time
 
