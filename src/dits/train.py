@@ -501,10 +501,11 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
     save_grid(images, out / f"samples_{step:07d}.png", ncol=per)
     result = {"samples": str(out / f"samples_{step:07d}.png")}
     if cfg.data == "digits" and not cfg.latents and cfg.eval_samples > 0:
-        from dits.evaluate.digits import digits_metric, format_digits_metric
+        from dits.evaluate.digits import digits_metric, format_digits_metric, svc_accuracy
 
         imgs, labs = generate(ema, cfg.eval_samples, seed=cfg.seed + 10_000, batch_size=500, **common)
         m = digits_metric(imgs, labs)
+        m["svc_accuracy"] = svc_accuracy(imgs, labs) if num_classes else None
         m = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
         line = f"step {step}: {format_digits_metric(m)}"
         (bar.write if bar is not None else print)(line)

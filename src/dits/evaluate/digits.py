@@ -274,6 +274,8 @@ def digits_metric(images, labels=None, seed: int = 0) -> dict:
 def format_digits_metric(d: dict) -> str:
     """One line for logs, e.g. ``digits n=1000: acc 97.9% | FD 0.21 (real floor 0.14)``."""
     acc = "n/a" if d.get("accuracy") is None else f"{100 * d['accuracy']:.1f}%"
+    if d.get("svc_accuracy") is not None:
+        acc += f" (SVC {100 * d['svc_accuracy']:.1f}%)"
     line = f"digits n={d['n']}: acc {acc} | FD {d['fd']:.3f} (real-vs-real floor {d['fd_floor']:.3f})"
     if d.get("fd_heldout") is not None:
         line += (f" | held-out FD {d['fd_heldout']:.3f} vs real {d['fd_heldout_floor']:.3f} "
