@@ -203,3 +203,30 @@ def test_extract_on_cuda_matches_cpu(setup, tmp_path):
                           vae_dtype=torch.bfloat16, progress=False)
     # bf16 VAE and TF32 convolutions: close to the fp32 CPU cache, not equal
     np.testing.assert_allclose(np.load(out / "latents.npy"), np.load(cache / "latents.npy"), rtol=0.1, atol=0.05)
+
+
+def test_train_from_latent_cache_resumes_and_samples(setup, tmp_path):
+    """`dits train --latents` (no VAE loaded), a resume, then `dits sample` decoding with the
+    VAE recorded from the cache; a resumed run equals an uninterrupted one."""
+    from dits.checkpoint import latest_checkpoint, load_checkpoint
+    from dits.cli import main
+    from dits.config import resolve_config
+    from dits.train import train
+
+    root, cache = setup
+    base = dict(latents=str(cache), model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=4,
+                batch_size=4, log_every=2, ckpt_every=2, eval_samples=0, sampler="ddim", sample_steps=2,
+                samples_per_class=1)
+    train(resolve_config(None, {**base, "steps": 4, "out": str(tmp_path / "a")}), progress=False)
+    train(resolve_config(None, {**base, "steps": 2, "out": str(tmp_path / "b")}), progress=False)
+    train(resolve_config(None, {"steps": 4}), resume=str(tmp_path / "b"), progress=False)
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert a["step"] == b["step"] == 4 and a["model_config"]["in_channels"] == 4
+    assert a["vae_spec"] == read_meta(cache)["vae"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--ckpt", str(tmp_path / "a"), "--num-samples", "2", "--sampler", "ddim",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert np.load(out)["arr_0"].shape == (2, SIZE, SIZE, 3)
