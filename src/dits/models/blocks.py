@@ -84,13 +84,15 @@ class AdaLNZeroBlock(nn.Module):
     design train best in the paper.
     """
 
+    modulations = 6  # shift, scale, gate for attention and for the MLP
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = _norm(dim, affine=False)
         self.attn = Attention(dim, num_heads)
         self.norm2 = _norm(dim, affine=False)
         self.mlp = Mlp(dim, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.modulations * dim, bias=True))
 
     def forward(self, x, c, cond_tokens=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -99,20 +101,14 @@ class AdaLNZeroBlock(nn.Module):
         return x
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(AdaLNZeroBlock):
     """adaLN: c regresses the LayerNorms' shift and scale; no gate, plain residuals.
 
     The modulation Linear is zero-initialised, so each block starts as a standard pre-norm
     block with unit scale and zero shift (not as the identity: there is no gate).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = _norm(dim, affine=False)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = _norm(dim, affine=False)
-        self.mlp = Mlp(dim, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 4 * dim, bias=True))
+    modulations = 4  # shift and scale for attention and for the MLP
 
     def forward(self, x, c, cond_tokens=None):
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
