@@ -113,6 +113,7 @@ class DigitsClassifier:
     heldout_accuracy: float
     n_train: int
     n_test: int
+    _real_features: np.ndarray | None = field(default=None, repr=False)
     _real_stats: tuple | None = field(default=None, repr=False)
 
     def features(self, x: np.ndarray) -> np.ndarray:
@@ -124,9 +125,15 @@ class DigitsClassifier:
     def real_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean/covariance of all real digits' features (the FD reference)."""
         if self._real_stats is None:
-            f = self.features(to_inputs(real_digits()[0]))
+            f = self.real_features()
             self._real_stats = (f.mean(axis=0), np.cov(f, rowvar=False))
         return self._real_stats
+
+    def real_features(self) -> np.ndarray:
+        """Features of all real digits, in ``real_digits()`` order (computed once)."""
+        if self._real_features is None:
+            self._real_features = self.features(to_inputs(real_digits()[0]))
+        return self._real_features
 
 
 def fit_classifier() -> DigitsClassifier:
@@ -197,8 +204,8 @@ def _fd(features: np.ndarray, real_stats) -> float:
 
 def _floor(clf: DigitsClassifier, n: int, labels: np.ndarray | None, seed: int) -> tuple[float, float]:
     """Mean and std of FD(n bootstrap real digits, all real digits) over FLOOR_REPEATS."""
-    images, real_labels = real_digits()
-    feats = clf.features(to_inputs(images))
+    real_labels = real_digits()[1]
+    feats = clf.real_features()
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(real_labels == c) for c in range(10)]
     counts = np.bincount(labels, minlength=10) if labels is not None else None
@@ -216,8 +223,8 @@ def _heldout(clf: DigitsClassifier, feats_samples: np.ndarray, labels: np.ndarra
              seed: int) -> tuple[float, float]:
     """(mean FD(samples, B), mean FD(n draws from A, B)) over SPLIT_REPEATS class-balanced
     disjoint halves A, B of the real digits."""
-    images, real_labels = real_digits()
-    feats = clf.features(to_inputs(images))
+    real_labels = real_digits()[1]
+    feats = clf.real_features()
     rng = np.random.default_rng(seed + 1)
     n = len(feats_samples)
     counts = np.bincount(labels, minlength=10) if labels is not None else None
