@@ -439,26 +439,30 @@ def _merge_resume(cfg: TrainConfig, saved: dict, where: str) -> TrainConfig:
 
 
 class _Acc:
-    """Running means of the logged losses since the last log line."""
+    """Running means of the logged losses since the last log line.
+
+    Sums stay on the device: reading a value back (``float``) would make the GPU wait on
+    every step; it happens once per log line instead."""
 
     def __init__(self):
-        self.sums, self.count, self.gnorm = {}, 0, 0.0
+        self.sums, self.count = {}, 0
 
     def add(self, losses: dict, gnorm):
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach().float().mean())
-        self.gnorm += float(gnorm)
+        for k, v in {**losses, "grad_norm": gnorm}.items():
+            v = v.detach().float().mean()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
 
     def pop(self, ctx: Dist, step: int, lr: float, seconds: float) -> dict:
         keys = sorted(self.sums)
-        vals = torch.tensor([self.sums[k] / max(self.count, 1) for k in keys] + [self.gnorm / max(self.count, 1)])
+        vals = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
         if ctx.world > 1:  # average over processes so the log describes the global batch
             vals = vals.to(ctx.device)
             dist.all_reduce(vals)
-            vals = vals.cpu() / ctx.world
-        rec = {"step": step, **{k: round(float(v), 6) for k, v in zip(keys, vals)},
-               "grad_norm": round(float(vals[-1]), 4), "lr": lr,
+            vals = vals / ctx.world
+        vals = vals.cpu()
+        rec = {"step": step, **{k: round(float(v), 6) for k, v in zip(keys, vals) if k != "grad_norm"},
+               "grad_norm": round(float(vals[keys.index("grad_norm")]), 4), "lr": lr,
                "steps_per_s": round(self.count / max(seconds, 1e-9), 2)}
         self.__init__()
         return rec
