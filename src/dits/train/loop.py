@@ -1,0 +1,234 @@
+"""Training DiT: one loop, read top to bottom.
+
+    data batch -> (frozen VAE) -> x0 -> t, noise -> L_simple + L_vlb -> AdamW -> EMA
+
+Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP; gloo on CPU, NCCL on
+CUDA). All randomness of a step (which images, flips, t, noise, label dropout) is drawn
+from a generator seeded by (seed, step) for the *global* batch, and each process takes its
+slice. So a run is a pure function of its config: resuming after a kill continues the same
+trajectory, and N processes compute the same step as one process on the global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dits.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from dits.config import TrainConfig
+from dits.errors import UserError
+from dits.fileio import write_json_atomic, write_text_atomic
+from dits.models import DiT, create_model
+from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
+from dits.train.outputs import LossAccumulator, plot_losses, preview, progress_bar, to_yaml, truncate_log
+from dits.train.sources import StepRandomness, build_data
+
+# Config keys that may change when resuming; anything else must match the checkpoint.
+RESUMABLE_KEYS = {"steps", "log_every", "ckpt_every", "sample_every", "eval_samples", "num_workers", "device",
+                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale", "fsdp", "precision"}
+
+
+# ---------------------------------------------------------------------------- the loop
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.ema_warmup:
+        return min(cfg.ema_decay, (1 + step) / (10 + step))
+    return cfg.ema_decay
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_p = [p for p in ema.parameters() if p.dtype.is_floating_point]
+    src_p = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
+    torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
+
+
+def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> DiT:
+    extra = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                        learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob, block=cfg.block,
+                        **extra)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+    """Train a DiT as ``cfg`` says; returns a summary dict (also written to the run dir)."""
+    from dits.diffusion import create_diffusion
+
+    cfg.validate()
+    ctx = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    start, state = 0, None
+    if resume:
+        ckpt = latest_checkpoint(resume)
+        if ckpt is None:
+            raise UserError(f"nothing to resume in {resume}: no checkpoint under {Path(resume) / 'checkpoints'}")
+        state = load_checkpoint(ckpt)
+        cfg = _merge_resume(cfg, state.get("train_config") or {}, str(ckpt))
+        out = Path(resume)
+        cfg.out = str(out)
+        start = int(state["step"])
+    if cfg.batch_size % ctx.world:
+        raise UserError(f"global batch {cfg.batch_size} is not divisible by {ctx.world} processes")
+    local_b = cfg.batch_size // ctx.world
+
+    source, vae, channels, size = build_data(cfg, ctx)
+    # how to decode samples later (`dits sample`): the VAE given, or the one that made the cache
+    vae_spec = cfg.vae or getattr(getattr(source, "dataset", None), "vae_spec", None)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
+    model = build_model(cfg, channels, size, source.num_classes).to(ctx.device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+    net = model
+    if cfg.fsdp:
+        if ctx.world < 2:
+            raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+        shard(model)
+        shard(ema)  # sharded the same way, so the EMA update is a local operation on each shard
+    elif ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+    if state is not None:
+        load_optimizer_state(model, opt, state["opt"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    diffusion = create_diffusion("", noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
+                                 diffusion_steps=cfg.diffusion_steps)
+    rand = StepRandomness(cfg.seed, len(source), cfg.batch_size, cfg.flip)
+    lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
+
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg.to_dict()))
+        truncate_log(out / "metrics.jsonl", start)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"dits train: {cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.latents or cfg.data}, "
+              f"{len(source)} examples, {ctx.world} process(es) on {ctx.device}, batch {cfg.batch_size}, "
+              f"steps {start}->{cfg.steps}, run dir {out}", flush=True)
+    sample_every = cfg.sample_every or cfg.ckpt_every
+    bar = progress_bar(ctx.main and progress, start, cfg.steps)
+    logf = open(out / "metrics.jsonl", "a") if ctx.main else None
+    acc, t_last, summary = LossAccumulator(), time.time(), {}
+    # Test hook: DITS_FAULT_AT_STEP=k kills this process (SIGKILL, like a crash or OOM-kill)
+    # right after step k, to test that --resume continues the exact trajectory.
+    fault_at = int(os.environ.get("DITS_FAULT_AT_STEP", "-1"))
+    batches = iter(source.batches(rand, start, cfg.steps, lo, hi))
+    model.train()
+    try:
+        for step in range(start, cfg.steps):
+            # ---- the global batch's randomness, then this process's slice
+            g = rand.generator(step)
+            t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g)
+            drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout_prob
+            x, y = next(batches)
+            torch.manual_seed((cfg.seed + 1) * 1_000_033 + step * ctx.world + ctx.rank)  # e.g. VAE sampling
+            x = x.to(ctx.device, non_blocking=True)
+            if vae is not None and not cfg.latents:
+                x = vae.encode(x)
+            noise = torch.randn((cfg.batch_size, *x.shape[1:]), generator=g)[lo:hi].to(ctx.device)
+            kwargs = {}
+            if source.num_classes > 0:
+                kwargs = {"y": y.to(ctx.device), "force_drop_ids": drop[lo:hi].to(ctx.device)}
+            # ---- loss, backward, step
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            with _autocast(cfg, ctx.device):
+                losses = diffusion.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs, noise=noise)
+            loss = losses["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, ema_decay_at(cfg, step))
+            done = step + 1
+            acc.add(losses, gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            if bar is not None:
+                bar.update(1)
+            # ---- bookkeeping (rank 0 writes; every rank joins the collective parts)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rec = acc.pop(ctx, done, lr_at(cfg, step), time.time() - t_last)
+                t_last = time.time()
+                if ctx.main:
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                ckpt = _state(cfg, done, model, ema, opt, scaler, vae_spec)  # collective under FSDP
+                if ctx.main:
+                    save_checkpoint(checkpoint_path(out, done), ckpt)
+                    plot_losses(out / "metrics.jsonl", out / "loss.png")
+                del ckpt
+                ctx.barrier()
+            if done % sample_every == 0 or done == cfg.steps:
+                sampler_model = ema if not cfg.fsdp else full_copy(ema, lambda: build_model(cfg, channels, size, source.num_classes), ctx)
+                if ctx.main:
+                    summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar)
+                ctx.barrier()
+            if done == fault_at:
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        if bar is not None:
+            bar.close()
+        if logf is not None:
+            logf.close()
+    if ctx.main:
+        summary = {"steps": cfg.steps, "run_dir": str(out), **summary}
+        write_json_atomic(out / "summary.json", summary)
+    if ctx.world > 1:
+        ctx.barrier()  # leave together: a process that tears down gloo while a peer still talks aborts
+        dist.destroy_process_group()
+    return summary
+
+
+def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"format": "dits", "version": 1, "kind": "train", "step": step, "vae_spec": vae_spec,
+            "model_config": model.config.to_dict(), "train_config": cfg.to_dict(),
+            "model": full_state(model), "ema": full_state(ema), "opt": opt_state,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+
+def _merge_resume(cfg: TrainConfig, saved: dict, where: str) -> TrainConfig:
+    """The checkpoint's config wins, except for keys that may change on resume; a flag that
+    contradicts the checkpoint (say another model size) is an error, not a silent override."""
+    defaults = TrainConfig().to_dict()
+    merged = dict(saved)
+    for k, v in cfg.to_dict().items():
+        if k in RESUMABLE_KEYS:
+            if v != defaults.get(k):
+                merged[k] = v
+        elif k in saved and v != saved[k] and v != defaults.get(k):
+            raise UserError(f"--resume: {k}={v!r} differs from the checkpoint's {saved[k]!r} ({where}); "
+                            "drop the flag or start a new run")
+    return TrainConfig.from_dict(merged, where=where).validate()
+
+

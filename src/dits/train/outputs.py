@@ -1,0 +1,120 @@
+"""What a run leaves for people to look at: the metrics log, progress bar, preview grids
+with the digits metric, and loss.png."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dits.config import TrainConfig
+from dits.fileio import atomic_write, write_text_atomic
+from dits.models import DiT
+from dits.train.distributed import Dist
+
+class LossAccumulator:
+    """Running means of the logged losses since the last log line.
+
+    Sums stay on the device: reading a value back (``float``) would make the GPU wait on
+    every step; it happens once per log line instead."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, losses: dict, gnorm):
+        for k, v in {**losses, "grad_norm": gnorm}.items():
+            v = v.detach().float().mean()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def pop(self, ctx: Dist, step: int, lr: float, seconds: float) -> dict:
+        keys = sorted(self.sums)
+        vals = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        if ctx.world > 1:  # average over processes so the log describes the global batch
+            vals = vals.to(ctx.device)
+            dist.all_reduce(vals)
+            vals = vals / ctx.world
+        vals = vals.cpu()
+        rec = {"step": step, **{k: round(float(v), 6) for k, v in zip(keys, vals) if k != "grad_norm"},
+               "grad_norm": round(float(vals[keys.index("grad_norm")]), 4), "lr": lr,
+               "steps_per_s": round(self.count / max(seconds, 1e-9), 2)}
+        self.__init__()
+        return rec
+
+
+def progress_bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
+
+
+def to_yaml(d: dict) -> str:
+    import yaml
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: int, device, bar=None) -> dict:
+    """Sample a grid (one row per class) with the EMA weights; on digits, score samples."""
+    from dits.sample import generate, grid_labels, save_grid
+
+    if cfg.latents and vae is None:
+        return {}  # trained from a latent cache without --vae: nothing to decode previews with
+    rows = num_classes if num_classes > 0 else 8
+    per = cfg.samples_per_class
+    labels = grid_labels(num_classes, per) if num_classes > 0 else None
+    common = dict(sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale if num_classes else 1.0,
+                  vae=vae, device=device,
+                  diffusion_steps=cfg.diffusion_steps, noise_schedule=cfg.noise_schedule)
+    images, _ = generate(ema, rows * per, labels=labels, seed=cfg.seed, **common)
+    save_grid(images, out / f"samples_{step:07d}.png", ncol=per)
+    result = {"samples": str(out / f"samples_{step:07d}.png")}
+    if cfg.data == "digits" and not cfg.latents and cfg.eval_samples > 0:
+        from dits.evaluate.digits import digits_metric, format_digits_metric, svc_accuracy
+
+        imgs, labs = generate(ema, cfg.eval_samples, seed=cfg.seed + 10_000, batch_size=500, **common)
+        m = digits_metric(imgs, labs)
+        m["svc_accuracy"] = svc_accuracy(imgs, labs) if num_classes else None
+        m = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
+        line = f"step {step}: {format_digits_metric(m)}"
+        (bar.write if bar is not None else print)(line)
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **m}) + "\n")
+        result["digits_metric"] = m
+    return result
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    """loss.png: the training loss (and its L_simple / L_vlb parts) against steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
+    if not recs:
+        return
+    steps = [r["step"] for r in recs]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, style in (("loss", "-"), ("mse", "--"), ("vb", ":")):
+        if key in recs[0]:
+            ax.plot(steps, [r[key] for r in recs], style, label={"loss": "loss", "mse": "L_simple (mse)",
+                                                                "vb": "L_vlb (bits/dim)"}[key])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("training loss")
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
