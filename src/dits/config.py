@@ -6,6 +6,7 @@ Precedence: dataclass defaults (the paper's recipe, SPEC section 4) < preset YAM
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class TrainConfig:
     block: str = "adaln-zero"
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
+    init: str | None = None           # fine-tune: start from these weights (run dir, .pt, .safetensors, diffusers dir, Hub id)
     # ---- diffusion
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
@@ -48,6 +50,7 @@ class TrainConfig:
     ema_warmup: bool = False          # decay min(ema_decay, (1+n)/(10+n)): EMA useful early in short runs
     precision: str = "fp32"           # fp32 | bf16 | fp16
     seed: int = 0
+    on_nonfinite: str = "stop"        # a non-finite loss or grad norm: stop (exit non-zero) | skip (drop that update)
     # ---- bookkeeping
     out: str = "runs/dit"
     log_every: int = 100
@@ -61,17 +64,46 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     fsdp: bool = False
+    keep_last: int = 0                # keep the K newest periodic checkpoints (0 = keep all)
+    keep_every: int = 0               # also keep every checkpoint whose step is a multiple of M (0 = none)
 
     def validate(self) -> "TrainConfig":
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+        """Everything that can be checked without data or weights, so that a typo fails in the
+        first second, before a run directory exists."""
+        from dits.diffusion.sampling import SAMPLERS
+        from dits.models.blocks import BLOCKS
+        from dits.models.configs import MODEL_NAMES, canonical_name
+
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("on-nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("block", self.block, tuple(BLOCKS))
+        _choice("noise-schedule", self.noise_schedule, ("linear", "cosine"))
+        if canonical_name(self.model) not in (*MODEL_NAMES, "DiT"):
+            raise UserError(f"unknown model {self.model!r}; valid names: {', '.join(MODEL_NAMES)}, "
+                            "or DiT with --depth/--hidden-size/--num-heads/--patch-size")
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "sample_steps", "samples_per_class",
+                     "diffusion_steps", "image_size"):
             if int(getattr(self, name)) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"lr must be > 0, got {self.lr}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "eval_samples", "num_workers", "keep_last", "keep_every", "warmup_steps"):
+            if int(getattr(self, name)) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.sample_steps > self.diffusion_steps:
+            raise UserError(f"--sample-steps {self.sample_steps} is more than the {self.diffusion_steps} "
+                            "diffusion steps")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not (self.grad_clip >= 0 and self.weight_decay >= 0):
+            raise UserError("--grad-clip and --weight-decay must be >= 0")
         if not 0 <= self.ema_decay < 1:
-            raise UserError(f"ema-decay must be in [0, 1), got {self.ema_decay}")
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.data == "digits" and not self.latents and self.vae:
+            raise UserError("the built-in digits train in pixel space; drop --vae (or pass --data FOLDER)")
         return self
 
     def to_dict(self) -> dict:
@@ -87,6 +119,57 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _choice(flag: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"--{flag} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+# ---------------------------------------------------------------------------- resume
+# What `--resume` does with each flag the user typed. CHANGE: applied from the resumed step
+# on, recorded in config.yaml and in the resume log line. FIXED: part of the trajectory (the
+# model, the data, the batch, the randomness): refused with one line when it differs from the
+# checkpoint's. A name TrainConfig does not have (a field another branch adds) is ignored, so
+# new fields are classified here first; a TrainConfig field missing here counts as FIXED.
+CHANGE, FIXED = "may change", "fixed"
+ON_RESUME = {
+    # data
+    "data": FIXED, "latents": FIXED, "image_size": FIXED, "vae": FIXED, "vae_scale": FIXED, "flip": FIXED,
+    # model and objective
+    "model": FIXED, "depth": FIXED, "hidden_size": FIXED, "num_heads": FIXED, "patch_size": FIXED,
+    "block": FIXED, "learn_sigma": FIXED, "class_dropout_prob": FIXED, "init": FIXED,
+    "diffusion_steps": FIXED, "noise_schedule": FIXED, "objective": FIXED,
+    # optimisation: the batch and the randomness are the trajectory; the update rule may change
+    "batch_size": FIXED, "seed": FIXED,
+    "steps": CHANGE, "lr": CHANGE, "weight_decay": CHANGE, "warmup_steps": CHANGE, "grad_clip": CHANGE,
+    "ema_decay": CHANGE, "ema_warmup": CHANGE, "precision": CHANGE, "on_nonfinite": CHANGE,
+    "compile": CHANGE, "grad_checkpoint": CHANGE,
+    # bookkeeping, previews, processes
+    "out": CHANGE, "log_every": CHANGE, "ckpt_every": CHANGE, "sample_every": CHANGE, "sampler": CHANGE,
+    "sample_steps": CHANGE, "cfg_scale": CHANGE, "guidance_interval": CHANGE, "samples_per_class": CHANGE,
+    "eval_samples": CHANGE, "num_workers": CHANGE, "device": CHANGE, "fsdp": CHANGE,
+    "keep_last": CHANGE, "keep_every": CHANGE,
+}
+
+
+def merge_resume(saved: dict, cfg: TrainConfig, typed, where: str) -> tuple[TrainConfig, dict]:
+    """The checkpoint's config with the typed flags applied: ``(config, {key: (old, new)})``.
+
+    ``typed`` is the set of keys the user actually gave (a flag equal to a built-in default
+    still counts: that is the point). A typed FIXED key that differs is an error."""
+    merged = {**TrainConfig().to_dict(), **saved}
+    new = cfg.to_dict()
+    changes = {}
+    for key in sorted(set(typed) & set(new)):
+        if new[key] == merged.get(key):
+            continue
+        if ON_RESUME.get(key, FIXED) == FIXED:
+            raise UserError(f"--resume: --{key.replace('_', '-')} {new[key]!r} differs from the run's "
+                            f"{merged.get(key)!r} ({where}); drop the flag, or start a new run with --out")
+        changes[key] = (merged.get(key), new[key])
+        merged[key] = new[key]
+    return TrainConfig.from_dict(merged, where=where).validate(), changes
 
 
 def list_presets() -> list[str]:
@@ -113,5 +196,11 @@ def resolve_config(preset: str | None = None, overrides: dict | None = None) -> 
     values: dict = {}
     if preset:
         values.update(load_preset(preset))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    typed = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(typed)
+    if values.get("vae") and "vae" not in typed and values.get("data", "digits") == "digits" \
+            and not values.get("latents"):
+        # the preset's VAE, not the user's: say what is really missing
+        raise UserError(f"preset {preset} trains in latent space: pass --data IMAGE_FOLDER or --latents CACHE_DIR "
+                        "(from dits extract-latents)")
     return TrainConfig.from_dict(values).validate()

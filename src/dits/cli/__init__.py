@@ -10,6 +10,9 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+
+from dits.errors import first_line
 
 # subcommand name -> module in dits.cli
 COMMANDS = {
@@ -23,8 +26,21 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is two lines (what is wrong, where to look), not the
+    whole usage block. Subcommand parsers are made from this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help\n")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    # Python's default shows the warning and the source line that raised it: two lines.
+    print(f"dits: warning: {first_line(message, 400)}", file=file or sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dits", description="Diffusion Transformers toolkit")
+    parser = Parser(prog="dits", description="Diffusion Transformers toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in COMMANDS.items():
@@ -40,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (2) or --help (0): a code, so in-process callers get one too
+        return e.code if isinstance(e.code, int) else 2
+    shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         result = args.func(args)
     except KeyboardInterrupt:
@@ -50,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one line, exit code 2. DITS_DEBUG=1 shows the traceback.
         if os.environ.get("DITS_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e, 400)
         if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in msg:
             msg = f"{msg}: {e.filename}"
         print(f"dits {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return int(result or 0)

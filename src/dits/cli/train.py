@@ -1,7 +1,8 @@
 """``dits train``: a thin layer over ``dits.train.train``.
 
 Every ``TrainConfig`` field is a flag (``--batch-size``, ``--ema-decay``, ...), so a preset
-and the command line can set the same things.
+and the command line can set the same things. The flags the user typed are passed down as
+such: on ``--resume`` each one is applied or refused, never ignored (``dits.config.ON_RESUME``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ HELP = {
     "sampler": "sampler for previews and evaluation: ddpm | ddim | dpm++ | heun",
     "eval_samples": "samples for the digits metric (0 = off)",
     "device": "auto | cpu | cuda | cuda:N",
+    "init": "fine-tune: start model and EMA from a run dir, .pt, .safetensors, diffusers dir or Hub id "
+            "(fresh optimiser, step 0)",
+    "on_nonfinite": "on a NaN/inf loss or grad norm: stop (exit non-zero, last good checkpoint kept) | skip",
+    "keep_last": "keep only the K newest checkpoints (0 = all)",
+    "keep_every": "with --keep-last: also keep every checkpoint whose step is a multiple of M",
 }
 
 
@@ -39,18 +45,27 @@ def _flag_type(annotation: str):
 
 
 def register(sub) -> None:
-    from dits.config import TrainConfig
+    from dits.config import TrainConfig, load_preset
 
+    digits = load_preset("digits")
     p = sub.add_parser("train", help="train a DiT (the built-in digits by default)",
-                       description="Train a DiT. Defaults are the paper's recipe; without --data/--latents/--preset "
-                                   "the digits preset trains on the built-in 8x8 digits in minutes.")
+                       description="Train a DiT. A bare `dits train` trains the digits preset (a 1.3M-param DiT "
+                                   "on the built-in 8x8 digits, a few minutes on a CPU) into runs/digits; "
+                                   "--preset imagenet256 is the paper's recipe. Defaults below are the digits "
+                                   "preset's where it sets one, else the paper's (used with --data/--latents).")
     p.add_argument("--preset", default=None, help="preset name (digits, imagenet256) or a YAML file")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run from its latest checkpoint; typed flags apply if they may change "
+                        "(steps, lr, sampling, logging, devices, fsdp, precision), else are refused")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace the run already there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, field in TrainConfig.fields().items():
         ann = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "str")
+        default = f"default {field.default!r}"
+        if name in digits and digits[name] != field.default:
+            default = f"digits {digits[name]!r}, else {field.default!r}"
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(ann), default=None,
-                       help=f"{HELP.get(name, '')} (default {field.default!r})".strip())
+                       help=f"{HELP.get(name, '')} ({default})".strip())
     p.set_defaults(func=run)
 
 
@@ -63,7 +78,13 @@ def run(args) -> int:
     if preset is None and not args.resume and args.data in (None, "digits") and not args.latents:
         preset = "digits"
     cfg = resolve_config(preset, overrides)
-    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    typed = {k for k, v in overrides.items() if v is not None}
+    if args.preset:
+        from dits.config import load_preset
+        typed |= set(load_preset(args.preset))  # an explicit preset counts as typed, key by key
+    summary = train(cfg, resume=args.resume, progress=not args.no_progress, typed=typed, overwrite=args.overwrite)
+    if summary.get("stopped_by"):
+        return summary["exit_code"]  # preempted: the checkpoint is written, the job is not done
     if summary:
         print(f"done: run dir {summary.get('run_dir')}; samples {summary.get('samples')}")
         m = summary.get("digits_metric")

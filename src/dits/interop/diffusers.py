@@ -46,6 +46,10 @@ from dits.models import DiT, DiTConfig
 # the reference's 1e-6; this field of DiTTransformer2DModel sets the MLP norm's eps.
 NORM_EPS = 1e-6
 
+# Written by save_diffusers(metadata=...) beside model_index.json: the run's provenance and
+# sampling settings, so `dits sample --ckpt PIPELINE_DIR` samples like the run it came from.
+METADATA = "dits.json"
+
 # SPEC §3: the training schedule of every DiT.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                 prediction_type="epsilon")
@@ -344,7 +348,7 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move a finished temporary directory to ``out`` (never leaves a half-written ``out``)."""
     if out.exists():
         if not overwrite:
-            raise UserError(f"{out} already exists; remove it or choose another output directory")
+            raise UserError(f"{out} already exists; choose another output directory, or replace it with --overwrite (overwrite=True)")
         old = out.with_name(out.name + ".old-" + tmp.name[-8:])
         os.replace(out, old)
         os.replace(tmp, out)
@@ -355,7 +359,7 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, scheduler: str = "ddim",
                    class_names: list[str] | None = None, overwrite: bool = False,
-                   dtype: torch.dtype | None = None) -> Path:
+                   dtype: torch.dtype | None = None, metadata: dict | None = None) -> Path:
     """Write a ``DiTPipeline`` directory: ``transformer/``, ``scheduler/``, ``model_index.json``
     and, if ``vae`` is given, ``vae/``.
 
@@ -368,12 +372,12 @@ def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, schedule
 
     ``class_names`` (index -> name) become the pipeline's ``id2label``. ``dtype`` casts the
     saved weights (default: the model's). The directory is built next to ``out_dir`` and
-    moved into place when complete.
+    moved into place when complete. ``metadata`` (JSON-able) is written to ``dits.json``.
     """
     diffusers = _diffusers()
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; remove it or choose another output directory")
+        raise UserError(f"{out} already exists; choose another output directory, or replace it with --overwrite (overwrite=True)")
     transformer = torch.nn.Module.to(to_diffusers(model), device="cpu", dtype=dtype)
     sched = make_scheduler(scheduler)
     autoencoder = None
@@ -395,6 +399,8 @@ def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, schedule
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from dits.fileio import current_umask
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700); honour the umask instead
     try:
         transformer.save_pretrained(tmp / "transformer")
         sched.save_pretrained(tmp / "scheduler")
@@ -410,6 +416,8 @@ def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, schedule
         if class_names:
             index["id2label"] = {str(i): str(name) for i, name in enumerate(class_names)}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if metadata is not None:
+            (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,18 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dits.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from dits.config import TrainConfig
+from dits.checkpoint import checkpoint_path, latest_checkpoint, newest_readable_checkpoint, save_checkpoint
+from dits.config import TrainConfig, merge_resume
 from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.models import DiT, create_model
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
-from dits.train.outputs import LossAccumulator, plot_losses, preview, progress_bar, to_yaml, truncate_log
+from dits.train.faults import NonFiniteGuard, Preemption, agree
+from dits.train.outputs import (LossAccumulator, check_out_dir, clear_run_dir, plot_losses, preview, progress_bar,
+                                to_yaml, truncate_log)
+from dits.train.retention import prune_checkpoints
 from dits.train.sources import StepRandomness, build_data
-
-# Config keys that may change when resuming; anything else must match the checkpoint.
-RESUMABLE_KEYS = {"steps", "log_every", "ckpt_every", "sample_every", "eval_samples", "num_workers", "device",
-                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale", "fsdp", "precision"}
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -68,34 +67,47 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
-    """Train a DiT as ``cfg`` says; returns a summary dict (also written to the run dir)."""
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, typed=None,
+          overwrite: bool = False) -> dict:
+    """Train a DiT as ``cfg`` says; returns a summary dict (also written to the run dir).
+
+    ``typed``: the config keys the user gave (the CLI passes the flags typed); on ``resume``
+    each of them is applied or refused, see ``dits.config.ON_RESUME``. Without it, keys that
+    differ from the built-in defaults count as given. ``overwrite`` lets ``cfg.out`` replace
+    an existing run."""
     from dits.diffusion import create_diffusion
 
     cfg.validate()
+    typed = set(typed) if typed is not None else {k for k, v in cfg.to_dict().items() if v != getattr(TrainConfig, k)}
     ctx = setup_distributed(cfg.device)
     out = Path(cfg.out)
-    start, state = 0, None
+    start, state, init = 0, None, None
     if resume:
-        ckpt = latest_checkpoint(resume)
-        if ckpt is None:
-            raise UserError(f"nothing to resume in {resume}: no checkpoint under {Path(resume) / 'checkpoints'}")
-        state = load_checkpoint(ckpt)
-        cfg = _merge_resume(cfg, state.get("train_config") or {}, str(ckpt))
-        out = Path(resume)
-        cfg.out = str(out)
-        start = int(state["step"])
+        cfg, state, changes = _resume(cfg, resume, typed)
+        out, start = Path(cfg.out), int(state["step"])
+    else:
+        check_out_dir(out, overwrite)
+        if cfg.init:
+            from dits.checkpoint import resolve_weights
+            from dits.train.finetune import adopt_architecture
+
+            init = resolve_weights(cfg.init)
+            cfg = adopt_architecture(cfg, init, typed)
     if cfg.batch_size % ctx.world:
         raise UserError(f"global batch {cfg.batch_size} is not divisible by {ctx.world} processes")
     local_b = cfg.batch_size // ctx.world
 
-    source, vae, channels, size = build_data(cfg, ctx)
+    source, vae, channels, size = build_data(cfg, ctx, typed)
     # how to decode samples later (`dits sample`): the VAE given, or the one that made the cache
     vae_spec = cfg.vae or getattr(getattr(source, "dataset", None), "vae_spec", None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     model = build_model(cfg, channels, size, source.num_classes).to(ctx.device)
+    notes = []
     if state is not None:
         model.load_state_dict(state["model"])
+    elif init is not None:
+        from dits.train.finetune import load_init
+        notes = load_init(model, init)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if state is not None:
         ema.load_state_dict(state["ema"])
@@ -119,6 +131,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
 
     if ctx.main:
+        if overwrite and not resume:
+            clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(cfg.to_dict()))
         truncate_log(out / "metrics.jsonl", start)
@@ -126,78 +140,103 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         print(f"dits train: {cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.latents or cfg.data}, "
               f"{len(source)} examples, {ctx.world} process(es) on {ctx.device}, batch {cfg.batch_size}, "
               f"steps {start}->{cfg.steps}, run dir {out}", flush=True)
+        if resume:
+            print(f"dits train: resuming from step {start}" + "".join(
+                f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
+        if init is not None:
+            print(f"dits train: fine-tuning from {init.info['source']} ({init.info.get('weights')} weights"
+                  + "".join(f"; {n}" for n in notes) + "), fresh optimiser, step 0", flush=True)
     sample_every = cfg.sample_every or cfg.ckpt_every
     bar = progress_bar(ctx.main and progress, start, cfg.steps)
     logf = open(out / "metrics.jsonl", "a") if ctx.main else None
     acc, t_last, summary = LossAccumulator(), time.time(), {}
-    # Test hook: DITS_FAULT_AT_STEP=k kills this process (SIGKILL, like a crash or OOM-kill)
-    # right after step k, to test that --resume continues the exact trajectory.
+    guard = NonFiniteGuard(cfg.on_nonfinite, fp16=cfg.precision == "fp16")
+    # Test hook: DITS_FAULT_AT_STEP=k sends this process DITS_FAULT_SIGNAL (default SIGKILL, like
+    # a crash or OOM-kill; SIGTERM like a preemption) right after step k, to test --resume.
     fault_at = int(os.environ.get("DITS_FAULT_AT_STEP", "-1"))
     batches = iter(source.batches(rand, start, cfg.steps, lo, hi))
     model.train()
-    try:
-        for step in range(start, cfg.steps):
-            # ---- the global batch's randomness, then this process's slice
-            g = rand.generator(step)
-            t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g)
-            drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout_prob
-            x, y = next(batches)
-            torch.manual_seed((cfg.seed + 1) * 1_000_033 + step * ctx.world + ctx.rank)  # e.g. VAE sampling
-            x = x.to(ctx.device, non_blocking=True)
-            if vae is not None and not cfg.latents:
-                x = vae.encode(x)
-            noise = torch.randn((cfg.batch_size, *x.shape[1:]), generator=g)[lo:hi].to(ctx.device)
-            kwargs = {}
-            if source.num_classes > 0:
-                kwargs = {"y": y.to(ctx.device), "force_drop_ids": drop[lo:hi].to(ctx.device)}
-            # ---- loss, backward, step
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step)
-            with _autocast(cfg, ctx.device):
-                losses = diffusion.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs, noise=noise)
-            loss = losses["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, model, ema_decay_at(cfg, step))
-            done = step + 1
-            acc.add(losses, gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    with Preemption() as preempt:
+        try:
+            for step in range(start, cfg.steps):
+                # ---- the global batch's randomness, then this process's slice
+                g = rand.generator(step)
+                t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g)
+                drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout_prob
+                x, y = next(batches)
+                torch.manual_seed((cfg.seed + 1) * 1_000_033 + step * ctx.world + ctx.rank)  # e.g. VAE sampling
+                x = x.to(ctx.device, non_blocking=True)
+                if vae is not None and not cfg.latents:
+                    x = vae.encode(x)
+                noise = torch.randn((cfg.batch_size, *x.shape[1:]), generator=g)[lo:hi].to(ctx.device)
+                kwargs = {}
+                if source.num_classes > 0:
+                    kwargs = {"y": y.to(ctx.device), "force_drop_ids": drop[lo:hi].to(ctx.device)}
+                # ---- loss, backward, step
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, step)
+                with _autocast(cfg, ctx.device):
+                    losses = diffusion.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs, noise=noise)
+                loss = losses["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+                # one host sync per step: whether to step must be known here, on every process alike
+                bad, stop = agree(ctx, guard.bad(loss, gnorm), preempt.requested())
+                if bad and cfg.on_nonfinite == "stop":
+                    raise guard.stop(step, cfg, float(loss.detach()), float(gnorm.detach()), latest_checkpoint(out) if ctx.main else None)
+                if bad:
+                    guard.skipped += 1  # drop this update (and the EMA's); log how many
+                    acc.skip()
+                else:
+                    scaler.step(opt)
+                    update_ema(ema, model, ema_decay_at(cfg, step))
+                    acc.add(losses, gnorm)
+                scaler.update()
+                done = step + 1
+                if bar is not None:
+                    bar.update(1)
+                # ---- bookkeeping (rank 0 writes; every rank joins the collective parts)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    rec = acc.pop(ctx, done, lr_at(cfg, step), time.time() - t_last, skipped=guard.skipped)
+                    t_last = time.time()
+                    if ctx.main:
+                        logf.write(json.dumps(rec, allow_nan=False) + "\n")
+                        logf.flush()
+                        if bar is not None and rec.get("loss") is not None:
+                            bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+                if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
+                    ckpt = _state(cfg, done, model, ema, opt, scaler, vae_spec)  # collective under FSDP
+                    if ctx.main:
+                        save_checkpoint(checkpoint_path(out, done), ckpt)  # durable before older ones go
+                        prune_checkpoints(out, cfg.keep_last, cfg.keep_every)
+                        plot_losses(out / "metrics.jsonl", out / "loss.png")
+                    del ckpt
+                    ctx.barrier()
+                if stop:
+                    summary = {"step": done, "stopped_by": preempt.name, "exit_code": 128 + (preempt.signum or 15)}
+                    if ctx.main:
+                        (bar.write if bar is not None else print)(
+                            f"dits train: stopped by {preempt.name} after step {done}; checkpoint "
+                            f"{checkpoint_path(out, done)} written; continue with: dits train --resume {out}")
+                    break
+                if done % sample_every == 0 or done == cfg.steps:
+                    sampler_model = ema if not cfg.fsdp else full_copy(ema, lambda: build_model(cfg, channels, size, source.num_classes), ctx)
+                    if ctx.main:
+                        summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar)
+                    ctx.barrier()
+                if done == fault_at:
+                    import signal
+                    os.kill(os.getpid(), getattr(signal, os.environ.get("DITS_FAULT_SIGNAL", "SIGKILL")))
+        finally:
             if bar is not None:
-                bar.update(1)
-            # ---- bookkeeping (rank 0 writes; every rank joins the collective parts)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                rec = acc.pop(ctx, done, lr_at(cfg, step), time.time() - t_last)
-                t_last = time.time()
-                if ctx.main:
-                    logf.write(json.dumps(rec) + "\n")
-                    logf.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                ckpt = _state(cfg, done, model, ema, opt, scaler, vae_spec)  # collective under FSDP
-                if ctx.main:
-                    save_checkpoint(checkpoint_path(out, done), ckpt)
-                    plot_losses(out / "metrics.jsonl", out / "loss.png")
-                del ckpt
-                ctx.barrier()
-            if done % sample_every == 0 or done == cfg.steps:
-                sampler_model = ema if not cfg.fsdp else full_copy(ema, lambda: build_model(cfg, channels, size, source.num_classes), ctx)
-                if ctx.main:
-                    summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar)
-                ctx.barrier()
-            if done == fault_at:
-                import signal
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        if bar is not None:
-            bar.close()
-        if logf is not None:
-            logf.close()
-    if ctx.main:
-        summary = {"steps": cfg.steps, "run_dir": str(out), **summary}
+                bar.close()
+            if logf is not None:
+                logf.close()
+    if ctx.main and "stopped_by" not in summary:
+        summary = {"steps": cfg.steps, "run_dir": str(out), "skipped_steps": guard.skipped, **summary}
         write_json_atomic(out / "summary.json", summary)
     if ctx.world > 1:
         ctx.barrier()  # leave together: a process that tears down gloo while a peer still talks aborts
@@ -217,18 +256,16 @@ def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
 
-def _merge_resume(cfg: TrainConfig, saved: dict, where: str) -> TrainConfig:
-    """The checkpoint's config wins, except for keys that may change on resume; a flag that
-    contradicts the checkpoint (say another model size) is an error, not a silent override."""
-    defaults = TrainConfig().to_dict()
-    merged = dict(saved)
-    for k, v in cfg.to_dict().items():
-        if k in RESUMABLE_KEYS:
-            if v != defaults.get(k):
-                merged[k] = v
-        elif k in saved and v != saved[k] and v != defaults.get(k):
-            raise UserError(f"--resume: {k}={v!r} differs from the checkpoint's {saved[k]!r} ({where}); "
-                            "drop the flag or start a new run")
-    return TrainConfig.from_dict(merged, where=where).validate()
-
-
+def _resume(cfg: TrainConfig, resume: str, typed: set) -> tuple[TrainConfig, dict, dict]:
+    """(merged config, checkpoint, {key: (old, new)}) of the run to continue."""
+    if "init" in typed:
+        raise UserError("--init starts a new run from weights and --resume continues one; pass only one of them")
+    if "out" in typed and Path(cfg.out).resolve() != Path(resume).resolve():
+        raise UserError(f"--resume continues in {resume}; drop --out {cfg.out} (or start a new run there)")
+    found = newest_readable_checkpoint(resume)
+    if found is None:
+        raise UserError(f"nothing to resume in {resume}: no checkpoint under {Path(resume) / 'checkpoints'}")
+    ckpt, state = found
+    cfg, changes = merge_resume(state.get("train_config") or {}, cfg, typed - {"out"}, str(ckpt))
+    cfg.out = str(resume)
+    return cfg, state, changes

@@ -3,6 +3,7 @@ with the digits metric, and loss.png."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dits.config import TrainConfig
+from dits.errors import UserError
 from dits.fileio import atomic_write, write_text_atomic
 from dits.models import DiT
 from dits.train.distributed import Dist
@@ -21,27 +23,64 @@ class LossAccumulator:
     every step; it happens once per log line instead."""
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.steps = {}, 0, 0
+
+    def skip(self):
+        """A step whose update was dropped: it took time, but its losses are not averaged."""
+        self.steps += 1
 
     def add(self, losses: dict, gnorm):
         for k, v in {**losses, "grad_norm": gnorm}.items():
             v = v.detach().float().mean()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
+        self.steps += 1
 
-    def pop(self, ctx: Dist, step: int, lr: float, seconds: float) -> dict:
+    def pop(self, ctx: Dist, step: int, lr: float, seconds: float, skipped: int = 0) -> dict:
         keys = sorted(self.sums)
-        vals = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
-        if ctx.world > 1:  # average over processes so the log describes the global batch
-            vals = vals.to(ctx.device)
-            dist.all_reduce(vals)
-            vals = vals / ctx.world
-        vals = vals.cpu()
-        rec = {"step": step, **{k: round(float(v), 6) for k, v in zip(keys, vals) if k != "grad_norm"},
-               "grad_norm": round(float(vals[keys.index("grad_norm")]), 4), "lr": lr,
-               "steps_per_s": round(self.count / max(seconds, 1e-9), 2)}
+        rec = {"step": step}
+        if keys:  # (none when every step since the last line was skipped as non-finite)
+            vals = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+            if ctx.world > 1:  # average over processes so the log describes the global batch
+                vals = vals.to(ctx.device)
+                dist.all_reduce(vals)
+                vals = vals / ctx.world
+            got = dict(zip(keys, vals.cpu().tolist()))
+            rec.update({k: _finite(v, 6) for k, v in got.items() if k != "grad_norm"})
+            rec["grad_norm"] = _finite(got["grad_norm"], 4)  # inf on fp16 overflow steps: null in the log
+        rec.update({"lr": lr, "steps_per_s": round(self.steps / max(seconds, 1e-9), 2)})
+        if skipped:
+            rec["skipped"] = skipped  # non-finite steps dropped so far (--on-nonfinite skip)
         self.__init__()
         return rec
+
+
+def _finite(v: float, digits: int):
+    """Strict JSON has no NaN/Infinity: a non-finite number is logged as null."""
+    return round(v, digits) if math.isfinite(v) else None
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """A new run may not land on an existing one by accident (issue: a forgotten --resume)."""
+    from dits.checkpoint import is_run_dir, latest_checkpoint
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory for the run")
+    if is_run_dir(out) and not overwrite:
+        latest = latest_checkpoint(out)
+        at = f"at step {int(latest.stem)}" if latest else "without checkpoints"
+        raise UserError(f"--out {out} already holds a run ({at}); continue it with --resume {out}, "
+                        "or pick a new --out (--overwrite replaces it)")
+
+
+def clear_run_dir(out: Path) -> None:
+    """--overwrite: remove what a run writes there (and nothing else the directory holds)."""
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for pattern in ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json", "loss.png", "samples_*.png"):
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def progress_bar(enabled: bool, start: int, total: int):
@@ -101,14 +140,14 @@ def plot_losses(metrics: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
+    recs = [r for r in recs if r.get("loss") is not None]  # lines of skipped (non-finite) steps only have none
     if not recs:
         return
-    steps = [r["step"] for r in recs]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for key, style in (("loss", "-"), ("mse", "--"), ("vb", ":")):
-        if key in recs[0]:
-            ax.plot(steps, [r[key] for r in recs], style, label={"loss": "loss", "mse": "L_simple (mse)",
-                                                                "vb": "L_vlb (bits/dim)"}[key])
+        pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label={"loss": "loss", "mse": "L_simple (mse)", "vb": "L_vlb (bits/dim)"}[key])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -107,7 +107,7 @@ class DatasetSource:
         yield from loader
 
 
-def build_data(cfg: TrainConfig, ctx: Dist):
+def build_data(cfg: TrainConfig, ctx: Dist, typed=()):
     """(source, autoencoder or None, channels, size): what the model sees and how to get it.
 
     The autoencoder is None when the model's inputs come straight from the source (pixels,
@@ -118,6 +118,10 @@ def build_data(cfg: TrainConfig, ctx: Dist):
         from dits.data.latents import LatentCacheDataset
 
         ds = LatentCacheDataset(cfg.latents, flip=False, expect={"vae": cfg.vae} if cfg.vae else None)
+        if "image_size" in typed and cfg.image_size != ds.image_size:
+            raise UserError(f"--image-size {cfg.image_size}: the latent cache {cfg.latents} holds "
+                            f"{ds.image_size}px images; drop the flag or extract a new cache")
+        cfg.image_size = ds.image_size  # recorded in config.yaml: what the run really trained on
         vae = load_autoencoder(cfg.vae, scaling_factor=ds.scaling_factor, device=ctx.device) if cfg.vae else None
         c, h = ds.latent_shape[0], ds.latent_shape[-1]
         return DatasetSource(ds, ds.num_classes, cfg.num_workers, cfg.seed), vae, c, h
