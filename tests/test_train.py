@@ -171,7 +171,7 @@ def test_empty_folder_and_bad_checkpoints(capsys, tmp_path):
 def test_resume_with_incompatible_config_and_sample_cli(capsys, tmp_path):
     train(tiny_cfg(tmp_path, steps=2, ckpt_every=2), progress=False)
     code, err = run_cli(capsys, "train", "--resume", str(tmp_path), "--hidden-size", "64")
-    assert code == 2 and "hidden_size" in err
+    assert code == 2 and "--hidden-size" in err
     out = tmp_path / "s.npz"
     assert main(["sample", "--ckpt", str(tmp_path), "--num-samples", "6", "--sampler", "ddim", "--steps", "3",
                  "--out", str(out), "--class", "2"]) == 0

@@ -70,20 +70,22 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc="sampling", unit="img", dynamic_ncols=True)
-    for start in starts:
-        m = min(batch_size, n - start)
-        y = labels[start:start + m].to(device) if labels is not None else None
-        x = diffusion_sample(model, (m, *shape), y=y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             guided_channels=guided_channels, learn_sigma=model.learn_sigma,
-                             noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
-                             clip_denoised=clip_denoised, seed=seed + start, device=device)
-        if vae is not None:
-            x = vae.decode(x)
-        out.append(to_uint8(x))
+    try:
+        for start in starts:
+            m = min(batch_size, n - start)
+            y = labels[start:start + m].to(device) if labels is not None else None
+            x = diffusion_sample(model, (m, *shape), y=y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                 guided_channels=guided_channels, learn_sigma=model.learn_sigma,
+                                 noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
+                                 clip_denoised=clip_denoised, seed=seed + start, device=device)
+            if vae is not None:
+                x = vae.decode(x)
+            out.append(to_uint8(x))
+            if bar is not None:
+                bar.update(m)
+    finally:  # an error is printed on its own line, not onto the bar's
         if bar is not None:
-            bar.update(m)
-    if bar is not None:
-        bar.close()
+            bar.close()
     lab = labels.numpy().astype(np.int64) if labels is not None else np.zeros(n, dtype=np.int64)
     return np.concatenate(out), lab
 

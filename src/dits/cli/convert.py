@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=("diffusers",), help="write SRC (a checkpoint or run dir) as a DiTPipeline DST")
     way.add_argument("--from", dest="from_", choices=("diffusers",),
-                     help="read SRC (a diffusers pipeline or transformer dir) into a dits checkpoint DST")
+                     help="read SRC (a diffusers pipeline or transformer dir, or a Hub id) into a dits checkpoint DST")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--model", default=None, help="model name (e.g. DiT-XL/2) if SRC's size cannot be inferred")
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                    help="--to: scheduler written with the pipeline (default ddim)")
     p.add_argument("--class-names", default=None, metavar="FILE",
                    help="--to: class names for id2label: a text file (one per line) or a latent cache directory")
-    p.add_argument("--overwrite", action="store_true", help="--to: replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
 
 
@@ -60,21 +60,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.to:
         model, info = load_model(args.src, model_name=args.model)
+        meta = {k: info.get(k) for k in ("source", "step", "weights", "train_config", "vae_spec")}
         names = _class_names(args.class_names, info)
         if names is not None and len(names) != model.num_classes:
             raise UserError(f"{len(names)} class names given for a model with {model.num_classes} classes")
         with warnings.catch_warnings(record=True) as caught:  # shown as one line each, not tracebacks
             warnings.simplefilter("always", UserWarning)
             out = interop.save_diffusers(model, args.dst, vae=args.vae, scheduler=args.scheduler,
-                                         class_names=names, overwrite=args.overwrite)
+                                         class_names=names, overwrite=args.overwrite, metadata=meta)
         for w in caught:
             print(f"dits convert: warning: {w.message}", file=sys.stderr)
         print(f"wrote DiTPipeline {out} ({info.get('weights', 'model')} weights of {info.get('source', args.src)})")
         print(f"dits convert: {interop.FREQ_SHIFT_WARNING}", file=sys.stderr)
         return 0
 
-    model = interop.from_diffusers(args.src)
-    out = save_model(args.dst, model)
+    if Path(args.dst).exists() and not args.overwrite:
+        raise UserError(f"{args.dst} already exists; choose another output file, or replace it with --overwrite")
+    model, info = load_model(args.src, model_name=args.model)  # a pipeline/transformer dir or a Hub id
+    out = save_model(args.dst, model, **{k: info[k] for k in ("train_config", "vae_spec", "step") if info.get(k)})
     cfg = model.config
     print(f"wrote dits checkpoint {out}: depth {cfg.depth}, width {cfg.hidden_size}, patch {cfg.patch_size}, "
           f"{cfg.num_classes or 'no'} classes, input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}")

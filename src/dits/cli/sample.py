@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dits.diffusion.sampling import SAMPLERS
 from dits.errors import UserError
 
 
@@ -11,19 +12,23 @@ def register(sub) -> None:
                        description="Sample with the EMA weights. --out FILE.npz writes ADM's layout (arr_0 uint8 "
                                    "NxHxWxC, arr_1 labels); FILE.png a grid (one row per class); DIR one PNG each.")
     a = p.add_argument
-    a("--ckpt", required=True, help="run directory, dits checkpoint, or reference DiT .pt (state dict)")
+    a("--ckpt", required=True, help="run directory, dits or reference DiT .pt, .safetensors state dict, diffusers "
+                                   "DiTPipeline/transformer directory, or Hub id (facebook/DiT-XL-2-256)")
     a("--model", default=None, help="model name for reference checkpoints (default: inferred from the shapes)")
     a("--vae", default=None, help="AutoencoderKL hub id or dir to decode latents (default: the run's)")
     a("--vae-scale", type=float, default=None, help="latent scaling factor override")
     a("--num-samples", type=int, default=None, help="default: 8 per class for a .png grid, else 100")
     a("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's; 4.0 for reference files)")
     a("--guided-channels", type=int, default=None, help="guide only the first K eps channels (3 = reference FID)")
-    a("--sampler", default=None, help="ddpm | ddim | dpm++ | heun (default: ddpm)")
-    a("--steps", type=int, default=None, help="sampling steps (default: 250 for ddpm, else 50)")
+    a("--sampler", default=None, help=f"{' | '.join(SAMPLERS)} (default: the run's preview sampler; ddpm for "
+                                      "weights without a training config)")
+    a("--steps", type=int, default=None, help="sampling steps (default: the run's preview steps with its sampler; "
+                                              "else 250 for ddpm, 50 for the others)")
     a("--seed", type=int, default=0)
     a("--class", dest="classes", default=None, help="comma-separated class ids (default: balanced over classes)")
     a("--batch-size", type=int, default=256)
-    a("--device", default="auto")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--no-progress", action="store_true", help="no progress bar")
     a("--out", required=True, help="FILE.npz | FILE.png | DIR")
     p.set_defaults(func=run)
 
@@ -34,6 +39,7 @@ def run(args) -> int:
 
     from dits.checkpoint import load_model
     from dits.sample import generate, save_folder, save_grid, save_npz
+    from dits.train.distributed import resolve_device
 
     out = Path(args.out)
     kind = out.suffix.lower()
@@ -41,10 +47,14 @@ def run(args) -> int:
         raise UserError(f"--out must end in .npz or .png, or be a directory; got {args.out}")
     if kind and not _writable(out.parent if str(out.parent) else Path(".")):
         raise UserError(f"cannot write to {out.parent}: not a writable directory")
+    for flag in ("num_samples", "steps", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {args.sampler!r}")
+    device = resolve_device(args.device)
     model, info = load_model(args.ckpt, model_name=args.model)
     tc = info.get("train_config") or {}
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     model.to(device)
 
     vae_spec = args.vae or info.get("vae_spec") or tc.get("vae")
@@ -58,7 +68,12 @@ def run(args) -> int:
                         "or a local AutoencoderKL directory) to decode its samples")
 
     sampler = args.sampler or tc.get("sampler") or "ddpm"
-    steps = args.steps or (250 if sampler == "ddpm" else 50)
+    if args.steps:
+        steps = args.steps
+    elif sampler == tc.get("sampler") and tc.get("sample_steps"):
+        steps = tc["sample_steps"]  # the run's previews: what its grids showed
+    else:
+        steps = 250 if sampler == "ddpm" else 50
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else tc.get("cfg_scale", 4.0)
     k = model.num_classes
     if k == 0:
@@ -81,7 +96,8 @@ def run(args) -> int:
                             guided_channels=args.guided_channels, seed=args.seed, batch_size=args.batch_size,
                             vae=vae,
                             diffusion_steps=tc.get("diffusion_steps", 1000),
-                            noise_schedule=tc.get("noise_schedule", "linear"), device=device, progress=True)
+                            noise_schedule=tc.get("noise_schedule", "linear"), device=device,
+                            progress=not args.no_progress)
     if kind == ".npz":
         save_npz(out, images, labs)
     elif kind == ".png":

@@ -25,16 +25,28 @@ class Dist:
             dist.barrier()
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto | cpu | cuda | cuda:N`` checked against this machine: one line if it cannot be."""
+    import re
+
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def setup_distributed(device: str = "auto") -> Dist:
     """Join the torchrun process group when there is one; pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but this PyTorch sees no CUDA GPU")
+    use_cuda = resolve_device(device).type == "cuda"
     if use_cuda:
         dev = torch.device(f"cuda:{local}" if world > 1 or device in ("auto", "cuda") else device)
         torch.cuda.set_device(dev)
