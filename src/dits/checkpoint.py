@@ -148,9 +148,15 @@ def resolve_weights(spec: str | Path, model_name: str | None = None, use_ema: bo
                         "(no model_index.json or config.json)")
     if path.is_file():
         return _from_file(path, model_name, use_ema)
-    if HUB_ID.fullmatch(str(spec)) and not str(spec).startswith("."):
+    if _looks_like_hub_id(str(spec)):
         return _from_diffusers(_hub_snapshot(str(spec)), str(spec))
     raise UserError(f"checkpoint not found: {spec} (not a file, a directory, or a Hub id like facebook/DiT-XL-2-256)")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """owner/name, not a weight file's name, and not inside a local directory of that name."""
+    return (bool(HUB_ID.fullmatch(spec)) and not spec.startswith(".") and not Path(spec.split("/")[0]).is_dir()
+            and Path(spec).suffix not in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

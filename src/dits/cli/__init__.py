@@ -51,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub)
+    parser.subcommands = sub.choices
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the subcommand's parser, so the hint names its --help
+            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # usage error (2) or --help (0): a code, so in-process callers get one too
         return e.code if isinstance(e.code, int) else 2
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
