@@ -1,6 +1,7 @@
 """The trainer: exact resume after a kill, DDP = one process on the global batch, outputs."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,29 @@ def dits_cli(*argv, **env):
     return subprocess.run([sys.executable, "-m", "dits", *argv], env={**ENV, **env}, capture_output=True, text=True)
 
 
-def test_resume_after_kill_continues_the_exact_trajectory(tmp_path):
-    flags = ["--steps", "30", "--no-progress"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    straight = dits_cli("train", "--out", str(tmp_path / "straight"), *flags)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+FLAGS = ["--steps", "30", "--no-progress"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """30 steps without interruption, in a fresh process."""
+    out = tmp_path_factory.mktemp("straight")
+    run = dits_cli("train", "--out", str(out), "--overwrite", *FLAGS)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+def assert_same_final_weights(run_a, run_b):
+    s1, m1, e1 = weights(run_a)
+    s2, m2, e2 = weights(run_b)
+    assert s1 == s2 == 30
+    for k in m1:
+        assert torch.equal(m1[k], m2[k]), k
+        assert torch.equal(e1[k], e2[k]), k
+
+
+def test_resume_after_kill_continues_the_exact_trajectory(tmp_path, straight):
+    flags = FLAGS
     # the same run, killed with SIGKILL right after step 17 (last checkpoint: step 10) ...
     killed = dits_cli("train", "--out", str(tmp_path / "killed"), *flags, DITS_FAULT_AT_STEP="17")
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -46,14 +66,23 @@ def test_resume_after_kill_continues_the_exact_trajectory(tmp_path):
     # ... and resumed: bit-identical weights and EMA at the end
     resumed = dits_cli("train", "--resume", str(tmp_path / "killed"), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    s1, m1, e1 = weights(tmp_path / "straight")
-    s2, m2, e2 = weights(tmp_path / "killed")
-    assert s1 == s2 == 30
-    for k in m1:
-        assert torch.equal(m1[k], m2[k]), k
-        assert torch.equal(e1[k], e2[k]), k
+    assert_same_final_weights(straight, tmp_path / "killed")
     log = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, straight):
+    """A preemption (SIGTERM, as SLURM and Kubernetes send) right after step 17: the run
+    finishes the step it is in, checkpoints there, says how to resume, exits 143."""
+    stopped = dits_cli("train", "--out", str(tmp_path), *FLAGS, DITS_FAULT_AT_STEP="17", DITS_FAULT_SIGNAL="SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert latest_checkpoint(tmp_path).name == "0000018.pt"  # not the periodic 10: nothing lost
+    line = [ln for ln in stopped.stdout.splitlines() if "stopped by SIGTERM" in ln]
+    assert line and line[0].endswith(f"continue with: dits train --resume {tmp_path}")
+    assert not (tmp_path / "summary.json").exists()  # the run is not done
+    resumed = dits_cli("train", "--resume", str(tmp_path), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_final_weights(straight, tmp_path)
 
 
 def test_run_directory_contents(tmp_path):
@@ -80,7 +109,8 @@ def test_data_order_is_a_permutation_per_epoch():
 @pytest.mark.parametrize("mode,port", [("ddp", 29533), ("fsdp", 29534)])
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode, port):
     """DDP (and FSDP) over 2 gloo processes: one step on a global batch of 8 gives the
-    weights one process gets on that batch; then both resume for a second step."""
+    weights one process gets on that batch; then the run resumes for a second step the other
+    way (DDP -> FSDP, FSDP -> DDP), and its recorded config says what it now is."""
     common = ["--ckpt-every", "1", "--batch-size", "8", "--no-progress", "--eval-samples", "0",
               "--sample-every", "1000", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--seed", "5"]
     one = dits_cli("train", "--out", str(tmp_path / "one"), "--steps", "2", *common)
@@ -97,9 +127,11 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode, por
     for k in first["model"]:
         assert torch.allclose(first["model"][k], m2[k], atol=1e-6, rtol=0), k
         assert torch.allclose(first["ema"][k], e2[k], atol=1e-6, rtol=0), k
-    resumed = subprocess.run([*launch, "--resume", str(tmp_path / "two"), "--steps", "2", "--no-progress", *extra],
+    other = ["--fsdp", "false" if mode == "fsdp" else "true"]
+    resumed = subprocess.run([*launch, "--resume", str(tmp_path / "two"), "--steps", "2", "--no-progress", *other],
                              env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"fsdp: {'false' if mode == 'fsdp' else 'true'}" in (tmp_path / "two" / "config.yaml").read_text()
     _, m1, _ = weights(tmp_path / "one")
     _, m2, _ = weights(tmp_path / "two")
     for k in m1:
