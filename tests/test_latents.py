@@ -224,6 +224,10 @@ def test_train_from_latent_cache_resumes_and_samples(setup, tmp_path):
     b = load_checkpoint(latest_checkpoint(tmp_path / "b"))
     assert a["step"] == b["step"] == 4 and a["model_config"]["in_channels"] == 4
     assert a["vae_spec"] == read_meta(cache)["vae"]
+    assert a["train_config"]["image_size"] == SIZE  # the cache's, recorded (not the default 256)
+    with pytest.raises(UserError, match="holds 32px images"):
+        train(resolve_config(None, {**base, "image_size": 64, "out": str(tmp_path / "c")}), progress=False,
+              typed={"image_size"})
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     out = tmp_path / "s.npz"

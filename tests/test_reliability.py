@@ -174,3 +174,12 @@ def test_readme_fine_tuning_example(base_run, tmp_path, capsys):
                  "--sampler", "ddim", "--sample-steps", "2", "--eval-samples", "0", "--samples-per-class", "1",
                  "--batch-size", "16", "--no-progress"]) == 0
     assert (tmp_path / "digits-ft/checkpoints/0000002.pt").is_file()
+
+
+def test_messages_are_shortened_at_a_word_boundary():
+    from dits.errors import first_line
+    msg = "PytorchStreamReader failed reading zip archive: failed finding central directory\nsecond line"
+    assert first_line(msg) == msg.splitlines()[0]
+    short = first_line(msg, 50)
+    assert short == "PytorchStreamReader failed reading zip archive ..."
+    assert first_line(ValueError("")) == "ValueError"
