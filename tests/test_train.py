@@ -138,6 +138,24 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode, por
         assert torch.allclose(m1[k], m2[k], atol=1e-5, rtol=0), k
 
 
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
+    """SLURM signals every process of the job, the DataLoader's workers too: they ignore it, the
+    trainer checkpoints and exits 143 (and does not hang on its workers)."""
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 40, 90)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    run = subprocess.run([sys.executable, "-m", "dits", "train", *flags, "--data", str(tmp_path / "imgs"),
+                          "--image-size", "8", "--batch-size", "4", "--steps", "50", "--num-workers", "2",
+                          "--no-progress", "--out", str(tmp_path / "run")], start_new_session=True, timeout=120,
+                         env={**ENV, "DITS_FAULT_AT_STEP": "3", "DITS_FAULT_SIGNAL": "SIGTERM", "DITS_FAULT_GROUP": "1"},
+                         capture_output=True, text=True)
+    assert run.returncode == 143, run.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "run").name == "0000004.pt"
+
+
 def test_train_on_image_folder_with_classes_and_flat(tmp_path):
     from PIL import Image
     rng = np.random.default_rng(0)

@@ -56,14 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # reported by the subcommand's parser, so the hint names its --help
-            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as e:  # usage error (2) or --help (0): a code, so in-process callers get one too
-        return e.code if isinstance(e.code, int) else 2
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
+    try:
+        parser = build_parser()
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # reported by the subcommand's parser, so the hint names its --help
+                parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as e:  # usage error (2) or --help (0): a code, so in-process callers get one too
+            return e.code if isinstance(e.code, int) else 2
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args) -> int:
     try:
         result = args.func(args)
     except KeyboardInterrupt:
@@ -78,6 +85,4 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{msg}: {e.filename}"
         print(f"dits {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    finally:
-        warnings.showwarning = shown
     return int(result or 0)

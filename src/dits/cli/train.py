@@ -79,9 +79,9 @@ def run(args) -> int:
         preset = "digits"
     cfg = resolve_config(preset, overrides)
     typed = {k for k, v in overrides.items() if v is not None}
-    if args.preset:
+    if args.preset and args.resume:
         from dits.config import load_preset
-        typed |= set(load_preset(args.preset))  # an explicit preset counts as typed, key by key
+        typed |= set(load_preset(args.preset)) - {"out"}  # a preset typed on resume counts, key by key
     summary = train(cfg, resume=args.resume, progress=not args.no_progress, typed=typed, overwrite=args.overwrite)
     if summary.get("stopped_by"):
         return summary["exit_code"]  # preempted: the checkpoint is written, the job is not done

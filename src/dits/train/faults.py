@@ -7,6 +7,7 @@ there is more than one process.
 from __future__ import annotations
 
 import math
+import os
 import signal
 
 import torch
@@ -88,3 +89,17 @@ def agree(ctx, *flags: torch.Tensor) -> list[bool]:
     if ctx.world > 1:
         dist.all_reduce(v, op=dist.ReduceOp.MAX)
     return [bool(x) for x in v.tolist()]
+
+
+def injected_fault():
+    """Test hook: ``DITS_FAULT_AT_STEP=k`` sends ``DITS_FAULT_SIGNAL`` (default SIGKILL, like a
+    crash or an OOM kill; SIGTERM like a preemption) right after step k, to this process or,
+    with ``DITS_FAULT_GROUP=1``, to its whole process group (as SLURM does, loader workers too)."""
+    at = int(os.environ.get("DITS_FAULT_AT_STEP", "-1"))
+    sig = getattr(signal, os.environ.get("DITS_FAULT_SIGNAL", "SIGKILL"))
+    group = os.environ.get("DITS_FAULT_GROUP") == "1"
+
+    def maybe(step: int) -> None:
+        if step == at:
+            os.killpg(os.getpgid(0), sig) if group else os.kill(os.getpid(), sig)
+    return maybe

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.models import DiT, create_model
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
-from dits.train.faults import NonFiniteGuard, Preemption, agree
+from dits.train.faults import NonFiniteGuard, Preemption, agree, injected_fault
 from dits.train.outputs import (LossAccumulator, check_out_dir, clear_run_dir, plot_losses, preview, progress_bar,
                                 to_yaml, truncate_log)
 from dits.train.retention import prune_checkpoints
@@ -151,9 +150,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     logf = open(out / "metrics.jsonl", "a") if ctx.main else None
     acc, t_last, summary = LossAccumulator(), time.time(), {}
     guard = NonFiniteGuard(cfg.on_nonfinite, fp16=cfg.precision == "fp16")
-    # Test hook: DITS_FAULT_AT_STEP=k sends this process DITS_FAULT_SIGNAL (default SIGKILL, like
-    # a crash or OOM-kill; SIGTERM like a preemption) right after step k, to test --resume.
-    fault_at = int(os.environ.get("DITS_FAULT_AT_STEP", "-1"))
+    fault = injected_fault()  # tests only: a kill or preemption signal after a given step
     batches = iter(source.batches(rand, start, cfg.steps, lo, hi))
     model.train()
     with Preemption() as preempt:
@@ -227,10 +224,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                     if ctx.main:
                         summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar)
                     ctx.barrier()
-                if done == fault_at:
-                    import signal
-                    os.kill(os.getpid(), getattr(signal, os.environ.get("DITS_FAULT_SIGNAL", "SIGKILL")))
+                fault(done)
         finally:
+            batches.close()  # stops the loader's workers now (they ignore SIGTERM: see sources.py)
             if bar is not None:
                 bar.close()
             if logf is not None:

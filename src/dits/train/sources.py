@@ -103,8 +103,19 @@ class DatasetSource:
         loader = torch.utils.data.DataLoader(
             _StepItems(self.dataset, self.seed), batch_sampler=_StepBatchSampler(rand, start, stop, lo, hi),
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         yield from loader
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job and Ctrl-C the whole process group: a loader worker
+    that died of it would crash the trainer before it can checkpoint (see train/faults.py).
+    Workers end when the trainer closes the loader, or when it is gone."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_data(cfg: TrainConfig, ctx: Dist, typed=()):
