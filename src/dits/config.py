@@ -34,7 +34,7 @@ class TrainConfig:
     block: str = "adaln-zero"
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
-    init: str | None = None           # fine-tune: start from these weights (run dir, .pt, .safetensors, diffusers dir, Hub id)
+    init: str | None = None           # fine-tune from these weights: run dir, .pt, .safetensors, diffusers dir, Hub id
     # ---- diffusion
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
@@ -139,8 +139,8 @@ ON_RESUME = {
     "diffusion_steps": FIXED, "noise_schedule": FIXED, "objective": FIXED,
     # optimisation: the batch and the randomness are the trajectory; the update rule may change
     "batch_size": FIXED, "seed": FIXED,
-    "steps": CHANGE, "lr": CHANGE, "weight_decay": CHANGE, "warmup_steps": CHANGE, "grad_clip": CHANGE,
-    "ema_decay": CHANGE, "ema_warmup": CHANGE, "precision": CHANGE, "on_nonfinite": CHANGE,
+    "steps": CHANGE, "lr": CHANGE, "lr_schedule": CHANGE, "weight_decay": CHANGE, "warmup_steps": CHANGE,
+    "grad_clip": CHANGE, "ema_decay": CHANGE, "ema_warmup": CHANGE, "precision": CHANGE, "on_nonfinite": CHANGE,
     "compile": CHANGE, "grad_checkpoint": CHANGE,
     # bookkeeping, previews, processes
     "out": CHANGE, "log_every": CHANGE, "ckpt_every": CHANGE, "sample_every": CHANGE, "sampler": CHANGE,

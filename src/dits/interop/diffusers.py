@@ -348,7 +348,8 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move a finished temporary directory to ``out`` (never leaves a half-written ``out``)."""
     if out.exists():
         if not overwrite:
-            raise UserError(f"{out} already exists; choose another output directory, or replace it with --overwrite (overwrite=True)")
+            raise UserError(f"{out} already exists; choose another output directory, "
+                            "or replace it with --overwrite (overwrite=True)")
         old = out.with_name(out.name + ".old-" + tmp.name[-8:])
         os.replace(out, old)
         os.replace(tmp, out)
@@ -377,7 +378,8 @@ def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, schedule
     diffusers = _diffusers()
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another output directory, or replace it with --overwrite (overwrite=True)")
+        raise UserError(f"{out} already exists; choose another output directory, "
+                        "or replace it with --overwrite (overwrite=True)")
     transformer = torch.nn.Module.to(to_diffusers(model), device="cpu", dtype=dtype)
     sched = make_scheduler(scheduler)
     autoencoder = None

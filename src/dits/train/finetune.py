@@ -33,7 +33,8 @@ def adopt_architecture(cfg: TrainConfig, w: Weights, typed) -> TrainConfig:
     for key in ARCH_KEYS:
         if key in typed and mine[key] is not None and mine[key] != arch[key] and not _same_size(key, mine, c):
             raise UserError(f"--init {cfg.init} is a {name or 'custom DiT'} (depth {c.depth}, width {c.hidden_size}, "
-                            f"patch {c.patch_size}, {c.block}); drop --{key.replace('_', '-')} or start from other weights")
+                            f"patch {c.patch_size}, {c.block}); drop --{key.replace('_', '-')} "
+                            "or start from other weights")
     dropout = cfg.class_dropout_prob if "class_dropout_prob" in typed else c.class_dropout_prob
     return dataclasses.replace(cfg, **arch, class_dropout_prob=dropout)
 

@@ -178,12 +178,14 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
                 # one host sync per step: whether to step must be known here, on every process alike
                 bad, stop = agree(ctx, guard.bad(loss, gnorm), preempt.requested())
                 if bad and cfg.on_nonfinite == "stop":
-                    raise guard.stop(step, cfg, float(loss.detach()), float(gnorm.detach()), latest_checkpoint(out) if ctx.main else None)
+                    raise guard.stop(step, cfg, float(loss.detach()), float(gnorm.detach()),
+                                     latest_checkpoint(out) if ctx.main else None)
                 if bad:
                     guard.skipped += 1  # drop this update (and the EMA's); log how many
                     acc.skip()
