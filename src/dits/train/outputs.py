@@ -55,9 +55,11 @@ class LossAccumulator:
         return rec
 
 
-def _finite(v: float, digits: int):
+def _finite(v: float, digits: int | None = None):
     """Strict JSON has no NaN/Infinity: a non-finite number is logged as null."""
-    return round(v, digits) if math.isfinite(v) else None
+    if not math.isfinite(v):
+        return None
+    return round(v, digits) if digits is not None else v
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -124,7 +126,7 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
         imgs, labs = generate(ema, cfg.eval_samples, seed=cfg.seed + 10_000, batch_size=500, **common)
         m = digits_metric(imgs, labs)
         m["svc_accuracy"] = svc_accuracy(imgs, labs) if num_classes else None
-        m = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
+        m = {k: (_finite(float(v)) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
         line = f"step {step}: {format_digits_metric(m)}"
         (bar.write if bar is not None else print)(line)
         with open(out / "eval.jsonl", "a") as f:
