@@ -159,19 +159,6 @@ def _looks_like_hub_id(spec: str) -> bool:
             and Path(spec).suffix not in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory means its latest checkpoint; a file means itself."""
-    path = Path(path)
-    if path.is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise UserError(f"no checkpoint in {path / CKPT_DIR}; train first or pass a checkpoint file")
-        return latest
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    return path
-
-
 def _from_file(file: Path, model_name: str | None, use_ema: bool) -> Weights:
     if _file_kind(file) == "safetensors":
         sd = _read_safetensors(file)
