@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dits train --preset digits --out runs/digits
+	$(VENV)/bin/dits train --preset digits --out runs/digits --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
