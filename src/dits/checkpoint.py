@@ -131,7 +131,7 @@ def load_model(path: str | Path, model_name: str | None = None, use_ema: bool = 
     file = resolve_checkpoint(path)
     obj = load_checkpoint(file)
     info = {"source": str(file), "step": obj.get("step"), "train_config": obj.get("train_config"),
-            "vae_spec": obj.get("vae_spec")}
+            "vae_spec": obj.get("vae_spec"), "objective": obj.get("objective")}  # see dits.objectives.objective_of
     if obj.get("format") == FORMAT:
         cfg = DiTConfig.from_dict(obj["model_config"])
         key = "ema" if use_ema and obj.get("ema") is not None else "model"

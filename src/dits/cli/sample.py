@@ -18,8 +18,11 @@ def register(sub) -> None:
     a("--num-samples", type=int, default=None, help="default: 8 per class for a .png grid, else 100")
     a("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's; 4.0 for reference files)")
     a("--guided-channels", type=int, default=None, help="guide only the first K eps channels (3 = reference FID)")
-    a("--sampler", default=None, help="ddpm | ddim | dpm++ | heun (default: ddpm)")
-    a("--steps", type=int, default=None, help="sampling steps (default: 250 for ddpm, else 50)")
+    a("--sampler", default=None, help="diffusion: ddpm | ddim | dpm++ | heun; flow: euler | heun | sde "
+                                      "(default: the run's, else ddpm / sde)")
+    a("--steps", type=int, default=None, help="sampling steps (default: 250 for ddpm and sde, else 50)")
+    a("--guidance-interval", default=None, metavar="LO,HI",
+      help="guide only at noise levels in [LO, HI] (0 = data, 1 = noise; docs/flow.md); default: the run's")
     a("--seed", type=int, default=0)
     a("--class", dest="classes", default=None, help="comma-separated class ids (default: balanced over classes)")
     a("--batch-size", type=int, default=256)
@@ -57,8 +60,11 @@ def run(args) -> int:
         raise UserError("this looks like a latent-space model: pass --vae (e.g. stabilityai/sd-vae-ft-ema "
                         "or a local AutoencoderKL directory) to decode its samples")
 
-    sampler = args.sampler or tc.get("sampler") or "ddpm"
-    steps = args.steps or (250 if sampler == "ddpm" else 50)
+    from dits.objectives import DEFAULT_SAMPLER, check_sampler, default_steps, objective_of
+    objective = objective_of(info)
+    sampler = check_sampler(objective, args.sampler or tc.get("sampler") or DEFAULT_SAMPLER[objective])
+    steps = args.steps or default_steps(sampler)
+    interval = args.guidance_interval if args.guidance_interval is not None else tc.get("guidance_interval")
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else tc.get("cfg_scale", 4.0)
     k = model.num_classes
     if k == 0:
@@ -79,7 +85,7 @@ def run(args) -> int:
             labels = (torch.arange(n) * k // n).long()  # rows of classes, in order
     images, labs = generate(model, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                             guided_channels=args.guided_channels, seed=args.seed, batch_size=args.batch_size,
-                            vae=vae,
+                            vae=vae, objective=objective, guidance_interval=interval,
                             diffusion_steps=tc.get("diffusion_steps", 1000),
                             noise_schedule=tc.get("noise_schedule", "linear"), device=device, progress=True)
     if kind == ".npz":
@@ -89,7 +95,8 @@ def run(args) -> int:
         save_grid(images, out, ncol=max(1, min(ncol, 32)))
     else:
         save_folder(out, images, labs)
-    print(f"wrote {n} samples ({sampler}, {steps} steps, cfg {cfg_scale}) from {info['source']} "
+    extra = f", guidance interval {interval}" if interval and cfg_scale != 1 else ""
+    print(f"wrote {n} samples ({objective} {sampler}, {steps} steps, cfg {cfg_scale}{extra}) from {info['source']} "
           f"({info['weights']} weights) to {out}")
     return 0
 

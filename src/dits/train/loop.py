@@ -1,6 +1,9 @@
 """Training DiT: one loop, read top to bottom.
 
-    data batch -> (frozen VAE) -> x0 -> t, noise -> L_simple + L_vlb -> AdamW -> EMA
+    data batch -> (frozen VAE) -> x0 -> t, noise -> objective's loss -> AdamW -> EMA
+
+The objective (``--objective``: DiT's Gaussian diffusion, L_simple + L_vlb, or flow matching's
+velocity MSE) lives in :mod:`dits.objectives`; the loop only asks it for t and the loss.
 
 Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP; gloo on CPU, NCCL on
 CUDA). All randomness of a step (which images, flips, t, noise, label dropout) is drawn
@@ -25,13 +28,15 @@ from dits.config import TrainConfig
 from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.models import DiT, create_model
+from dits.objectives import create_objective, resolve_learn_sigma
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
 from dits.train.outputs import LossAccumulator, plot_losses, preview, progress_bar, to_yaml, truncate_log
 from dits.train.sources import StepRandomness, build_data
 
 # Config keys that may change when resuming; anything else must match the checkpoint.
 RESUMABLE_KEYS = {"steps", "log_every", "ckpt_every", "sample_every", "eval_samples", "num_workers", "device",
-                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale", "fsdp", "precision"}
+                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale", "fsdp", "precision",
+                  "guidance_interval"}
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -57,7 +62,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> DiT:
     extra = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
     return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                        learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob, block=cfg.block,
+                        learn_sigma=resolve_learn_sigma(cfg.objective, cfg.learn_sigma),
+                        class_dropout_prob=cfg.class_dropout_prob, block=cfg.block,
                         **extra)
 
 
@@ -70,8 +76,6 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
     """Train a DiT as ``cfg`` says; returns a summary dict (also written to the run dir)."""
-    from dits.diffusion import create_diffusion
-
     cfg.validate()
     ctx = setup_distributed(cfg.device)
     out = Path(cfg.out)
@@ -113,7 +117,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         load_optimizer_state(model, opt, state["opt"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-    diffusion = create_diffusion("", noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
+    objective = create_objective(cfg.objective, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                  diffusion_steps=cfg.diffusion_steps)
     rand = StepRandomness(cfg.seed, len(source), cfg.batch_size, cfg.flip)
     lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
@@ -139,7 +143,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         for step in range(start, cfg.steps):
             # ---- the global batch's randomness, then this process's slice
             g = rand.generator(step)
-            t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g)
+            t = objective.draw_t(cfg.batch_size, g)
             drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout_prob
             x, y = next(batches)
             torch.manual_seed((cfg.seed + 1) * 1_000_033 + step * ctx.world + ctx.rank)  # e.g. VAE sampling
@@ -154,7 +158,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             with _autocast(cfg, ctx.device):
-                losses = diffusion.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs, noise=noise)
+                losses = objective.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs, noise=noise)
             loss = losses["loss"].mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
