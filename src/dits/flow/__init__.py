@@ -14,8 +14,8 @@ from dits.flow.interpolant import (TIME_SCALE, eps_from_velocity, interpolate, m
                                    velocity_target, x0_from_velocity)
 from dits.flow.oracle import FlowMixtureOracle
 from dits.flow.samplers import FLOW_SAMPLERS, evaluation_times, nfe, sample_euler, sample_heun, sample_sde, time_grid
-from dits.flow.sampling import noise_level, sample
+from dits.flow.sampling import check_steps, noise_level, sample
 
 __all__ = ["TIME_SCALE", "interpolate", "velocity_target", "model_time", "x0_from_velocity", "eps_from_velocity",
            "training_losses", "FlowMixtureOracle", "FLOW_SAMPLERS", "nfe", "evaluation_times", "time_grid",
-           "sample_euler", "sample_heun", "sample_sde", "noise_level", "sample"]
+           "sample_euler", "sample_heun", "sample_sde", "check_steps", "noise_level", "sample"]
