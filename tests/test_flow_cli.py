@@ -1,4 +1,7 @@
 """--objective flow end to end: presets, checkpoints that remember the objective, bad input."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -28,10 +31,19 @@ def test_preset_section_per_objective():
     assert diff.learn_sigma is None and fl.learn_sigma is None   # automatic: resolved per objective
 
 
-def test_flow_run_round_trips_and_samples(tmp_path, capsys):
-    run = tmp_path / "flow"
-    train(resolve_config("digits", {**TINY, "objective": "flow", "steps": 4, "out": str(run),
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 4-step run of each objective (shared: training is the slow part)."""
+    root = tmp_path_factory.mktemp("runs")
+    train(resolve_config("digits", {**TINY, "objective": "flow", "steps": 4, "out": str(root / "flow"),
                                     "guidance_interval": "0.1,0.9"}), progress=False)
+    train(resolve_config("digits", {**TINY, "steps": 4, "out": str(root / "diff"), "sampler": "ddim"}),
+          progress=False)
+    return root
+
+
+def test_flow_run_round_trips_and_samples(runs, tmp_path, capsys):
+    run = runs / "flow"
     model, info = load_model(run)
     assert objective_of(info) == "flow" and not model.learn_sigma and model.out_channels == model.in_channels
     # an inference checkpoint keeps the objective at the top level
@@ -60,9 +72,9 @@ def test_flow_run_round_trips_and_samples(tmp_path, capsys):
     assert code == 2 and "flow model" in err and not (tmp_path / "pipe").exists()
 
 
-def test_old_checkpoints_are_diffusion(tmp_path, capsys):
+def test_old_checkpoints_are_diffusion(runs, tmp_path, capsys):
     run = tmp_path / "diff"
-    train(resolve_config("digits", {**TINY, "steps": 4, "out": str(run), "sampler": "ddim"}), progress=False)
+    shutil.copytree(runs / "diff", run)
     ck = load_checkpoint(latest_checkpoint(run))
     assert ck["train_config"]["objective"] == "diffusion"
     del ck["train_config"]["objective"], ck["train_config"]["learn_sigma"]   # as written before flow existed
@@ -84,3 +96,21 @@ def test_train_bad_objective_input(capsys, tmp_path, argv, needle):
     code, err = run_cli(capsys, "train", *argv, "--out", tmp_path / "r", "--no-progress")
     assert code == 2 and needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_flow_smoke(runs, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "flow", "--diffusion", runs / "diff", "--flow", runs / "flow", "--out", out, "--samples", "100",
+            "--nfe", "2,3", "--scales", "1,2", "--interval", "0.3,0.7"]
+    assert main([str(a) for a in argv]) == 0
+    res = json.loads((out / "results.json").read_text())
+    # 3 samplers per objective at NFE 2, ddpm and sde also at 3, and (1, 2 constant, 2 interval) per objective
+    assert len(res) == 6 + 2 + 6
+    flow_heun = [r for r in res.values() if r["objective"] == "flow" and r["sampler"] == "heun" and r["cfg_scale"] == 2]
+    nfe = sorted(r["nfe"] for r in flow_heun)  # heun, 2 steps: calls at t = 1, 0.5, 0.5; 2 inside [0.3, 0.7]
+    assert nfe == [5, 6]
+    for f in ("flow_bench.md", "flow_nfe.png", "flow_guidance.png"):
+        assert (out / f).stat().st_size > 0
+    assert "| 0.3–0.7 | 5 |" in (out / "flow_bench.md").read_text()
+    code, err = run_cli(capsys, "bench", "flow", "--diffusion", runs / "flow", "--flow", runs / "flow", "--out", out)
+    assert code == 2 and "holds a flow model" in err
