@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dits.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model
+from dits import flow_bench as bench
 from dits.cli import main
 from dits.config import resolve_config
 from dits.objectives import objective_of
@@ -104,8 +105,10 @@ def test_bench_flow_smoke(runs, tmp_path, capsys):
             "--nfe", "2,3", "--scales", "1,2", "--interval", "0.3,0.7"]
     assert main([str(a) for a in argv]) == 0
     res = json.loads((out / "results.json").read_text())
-    # 3 samplers per objective at NFE 2, ddpm and sde also at 3, and (1, 2 constant, 2 interval) per objective
-    assert len(res) == 6 + 2 + 6
+    # 3 samplers per objective at NFE 2 and 3, and (1, 2 constant, 2 interval) per objective
+    assert len(res) == 12 + 6
+    assert bench.plan({"diffusion": 1.3, "flow": 1.3, "diffusion_preview": ("dpm++", 20),
+                       "flow_preview": ("heun", 10)}, (50, 250), (1.0,), ()).count(("flow", "euler", 250, 1.3, None)) == 0
     flow_heun = [r for r in res.values() if r["objective"] == "flow" and r["sampler"] == "heun" and r["cfg_scale"] == 2]
     nfe = sorted(r["nfe"] for r in flow_heun)  # heun, 2 steps: calls at t = 1, 0.5, 0.5; 2 inside [0.3, 0.7]
     assert nfe == [5, 6]

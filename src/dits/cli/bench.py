@@ -41,7 +41,7 @@ def _register_flow(targets) -> None:
     f.add_argument("--out", default="flow-bench", help="where results.json, the table and the plots go")
     f.add_argument("--samples", type=int, default=1000, help="samples per evaluation (default 1000)")
     f.add_argument("--nfe", default="10,20,50,250", help="target model calls per sample (default 10,20,50,250; "
-                                                         "only ddpm and sde run the largest)")
+                                                         "only ddpm and sde run 250 and more)")
     f.add_argument("--scales", default="1,1.3,2,3", help="guidance scales for the interval comparison")
     f.add_argument("--interval", action="append", metavar="LO,HI",
                    help="guidance interval(s) to compare with constant guidance (default 0.2,0.8; repeatable)")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from dits.diffusion.guidance import guided_model, parse_interval
-from dits.diffusion.samplers import generator_noise, per_sample_noise
+from dits.diffusion.guidance import parse_interval
+from dits.diffusion.sampling import guided_net, noise_source, sampling_inputs
 from dits.errors import UserError
 from dits.flow.interpolant import TIME_SCALE, model_time
 from dits.flow.samplers import FLOW_SAMPLERS, LOOPS, time_grid
@@ -37,32 +37,9 @@ def sample(model, shape, *, y=None, sampler="heun", steps=50, cfg_scale=1.0, gui
     """
     check_steps(sampler, steps)
     interval = parse_interval(guidance_interval)
-    if not (isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise UserError(f"shape must be a tuple of positive ints like (N, C, H, W), got {shape!r}")
-    if device is None:
-        p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-        device = noise.device if noise is not None else (p.device if p is not None else torch.device("cpu"))
-    n = shape[0]
-    if y is not None:
-        y = torch.as_tensor(y, device=device).long().reshape(-1)
-        if y.shape[0] != n:
-            raise UserError(f"y has {y.shape[0]} labels for {n} samples")
-    net = model
-    if cfg_scale != 1:
-        if y is None:
-            raise UserError(f"cfg_scale={cfg_scale} needs class labels y (or use cfg_scale=1)")
-        null_class = getattr(model, "num_classes", None) if null_class is None else null_class
-        if null_class is None:
-            raise UserError("cfg_scale != 1 needs null_class or a model with a num_classes attribute")
-        net = guided_model(model, cfg_scale, null_class, eps_channels=shape[1], guided_channels=guided_channels,
-                           interval=interval, noise_level=noise_level)
-
-    if seed is not None:
-        noise_fn = per_sample_noise([int(seed) + i for i in range(n)])
-    elif generator is not None:
-        noise_fn = generator_noise(generator)
-    else:
-        noise_fn = None
+    device, y = sampling_inputs(model, shape, y, noise, device)
+    net = guided_net(model, shape, y, cfg_scale, null_class, guided_channels, interval, noise_level)
+    noise_fn = noise_source(shape[0], seed, generator)
     if noise is not None:
         if tuple(noise.shape) != tuple(shape):
             raise UserError(f"noise has shape {tuple(noise.shape)} but shape is {tuple(shape)}")
