@@ -135,19 +135,19 @@ def run(diffusion_run: str, flow_run: str, out_dir: str | Path, *, samples: int 
 # ----------------------------------------------------------------------------- report
 def _fmt(r: dict) -> str:
     iv = f"{r['interval'][0]:g}–{r['interval'][1]:g}" if r["interval"] else ("constant" if r["cfg_scale"] != 1 else "none")
-    return (f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['cfg_scale']:g} | {iv} | {r['nfe']} | "
+    return (f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['calls']} | {r['cfg_scale']:g} | {iv} | {r['nfe']} | "
             f"{100 * r['svc_accuracy']:.1f} % | {r['fd']:.3f} | {r['fd_heldout_ratio']:.2f}× |")
 
 
 def report(results: list[dict], meta: dict, out_dir: Path) -> None:
     from dits.fileio import write_text_atomic
 
-    head = ("| objective | sampler | steps | cfg | guidance | NFE | SVC acc. | FD | held-out FD / real |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = ("| objective | sampler | steps | calls | cfg | guidance | NFE | SVC acc. | FD | held-out FD / real |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     sweep = [r for r in results if r["cfg_scale"] == meta["cfg_scale"][r["objective"]] and not r["interval"]]
     guide = [r for r in results if [r["sampler"], r["steps"]] == list(meta["preview"][r["objective"]])]
     text = [f"Digits, {meta['samples']} samples per row, seed {meta['seed']}; runs at steps {meta['steps']}.",
-            "NFE = model calls per sample, a guided call counting 2.", "",
+            "calls = model calls per sample; NFE = the same with a guided call counting 2.", "",
             "### Quality against NFE (each run's guidance scale)", "", head,
             *(_fmt(r) for r in sorted(sweep, key=lambda r: (r["objective"], r["sampler"], r["calls"]))), "",
             "### Interval vs constant guidance (each run's preview sampler)", "", head,
@@ -157,11 +157,11 @@ def report(results: list[dict], meta: dict, out_dir: Path) -> None:
     _plot_guidance(guide, out_dir / "flow_guidance.png")
 
 
-def _axes(ncols: int):
+def _figure(nrows: int, ncols: int):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.8), dpi=100)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), dpi=100, squeeze=False)
     return plt, fig, axes
 
 
@@ -173,16 +173,24 @@ def _save(plt, fig, path: Path) -> None:
 
 
 def _plot_nfe(rows: list[dict], path: Path) -> None:
-    plt, fig, (a1, a2) = _axes(2)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    plt, fig, axes = _figure(1, 2)
+    a1, a2 = axes[0]
     for (objective, sampler) in sorted({(r["objective"], r["sampler"]) for r in rows}):
         pts = sorted((r["calls"], r) for r in rows if (r["objective"], r["sampler"]) == (objective, sampler))
         style = "-o" if objective == "diffusion" else "--s"
         label = f"{objective} {sampler}"
         a1.plot([c for c, _ in pts], [r["fd_heldout_ratio"] for _, r in pts], style, label=label)
         a2.plot([c for c, _ in pts], [100 * r["svc_accuracy"] for _, r in pts], style, label=label)
-    for ax, name in ((a1, "held-out FD / real-data level (lower is better)"), (a2, "SVC class accuracy, %")):
+    calls = sorted({r["calls"] for r in rows})
+    for ax, name in ((a1, "held-out FD / real-data level (lower is better; bar: 2x)"),
+                     (a2, "SVC class accuracy, % (bar: 98)")):
         ax.set_xscale("log")
-        ax.set_xlabel("model calls per sample (sampler NFE, before guidance doubling)")
+        ax.set_xticks(calls)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("model calls per sample (before guidance doubles them)")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     a1.axhline(2.0, color="grey", lw=0.8, ls=":")
@@ -192,23 +200,26 @@ def _plot_nfe(rows: list[dict], path: Path) -> None:
 
 
 def _plot_guidance(rows: list[dict], path: Path) -> None:
-    plt, fig, (a1, a2) = _axes(2)
-    for objective in sorted({r["objective"] for r in rows}):
+    objectives = sorted({r["objective"] for r in rows})
+    plt, fig, axes = _figure(len(objectives), 2)
+    for (a1, a2), objective in zip(axes, objectives):
         mine = [r for r in rows if r["objective"] == objective]
         intervals = sorted({tuple(r["interval"]) for r in mine if r["interval"]})
-        for iv in (None, *intervals):
+        for iv, marker in zip((None, *intervals), "o^vsdx"):
             # scale 1 (no guidance) starts every line; then constant or this interval's rows
             pts = sorted((r["cfg_scale"], r) for r in mine if r["cfg_scale"] == 1
                          or (tuple(r["interval"]) if r["interval"] else None) == iv)
-            label = f"{objective}, " + (f"interval {iv[0]:g}–{iv[1]:g}" if iv else "constant")
-            style = ("-" if objective == "diffusion" else "--") + ("o" if iv is None else "^")
+            nfe = ", ".join(sorted({str(r["nfe"]) for _, r in pts if r["cfg_scale"] != 1}))
+            label = (f"interval {iv[0]:g}–{iv[1]:g}" if iv else "constant") + f" (NFE {nfe})"
+            style = ("-" if iv is None else "--") + marker
             a1.plot([c for c, _ in pts], [r["fd_heldout_ratio"] for _, r in pts], style, label=label)
             a2.plot([c for c, _ in pts], [100 * r["svc_accuracy"] for _, r in pts], style, label=label)
-    for ax, name in ((a1, "held-out FD / real-data level"), (a2, "SVC class accuracy, %")):
-        ax.set_xlabel("guidance scale")
-        ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3)
-    a1.legend(fontsize=8)
+        sampler = f"{mine[0]['sampler']} {mine[0]['steps']} steps"
+        for ax, name in ((a1, "held-out FD / real-data level"), (a2, "SVC class accuracy, %")):
+            ax.set_xlabel("guidance scale")
+            ax.set_title(f"{objective} ({sampler}): {name}", fontsize=10)
+            ax.grid(alpha=0.3)
+        a1.legend(fontsize=8)
     _save(plt, fig, path)
 
 
