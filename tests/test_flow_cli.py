@@ -117,3 +117,15 @@ def test_bench_flow_smoke(runs, tmp_path, capsys):
     assert "| 0.3–0.7 | 5 |" in (out / "flow_bench.md").read_text()
     code, err = run_cli(capsys, "bench", "flow", "--diffusion", runs / "flow", "--flow", runs / "flow", "--out", out)
     assert code == 2 and "holds a flow model" in err
+
+
+def test_flow_run_resumes_on_the_same_trajectory(tmp_path):
+    """Flow's t comes from the step's generator too: 3 steps + resume to 6 = 6 steps straight."""
+    kw = {**TINY, "objective": "flow", "ckpt_every": 3, "sample_every": 100, "sampler": "euler"}
+    train(resolve_config("digits", {**kw, "steps": 6, "out": str(tmp_path / "straight")}), progress=False)
+    train(resolve_config("digits", {**kw, "steps": 3, "out": str(tmp_path / "split")}), progress=False)
+    train(resolve_config(None, {"steps": 6}), resume=str(tmp_path / "split"), progress=False)
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("straight", "split"))
+    assert a["step"] == b["step"] == 6 and b["train_config"]["objective"] == "flow"
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
