@@ -1,7 +1,6 @@
 """Bad input through the CLI, as a table: one line (usage errors: two), exit code 2, no
 traceback, and nothing created or changed on disk (issues 12 #7 and 14 #7)."""
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -46,7 +45,7 @@ BAD = [
     (["train", "--model", "DiT-Q/2", "--out", "new"], "unknown model"),
     (["train", "--patch-size", "3", "--out", "new"], "not divisible by patch size"),
     (["train", "--batch-size", "0", "--out", "new"], "--batch-size must be >= 1"),
-    (["train", "--sampler", "dpm", "--out", "new"], "--sampler must be one of"),
+    (["train", "--sampler", "dpm", "--out", "new"], "sampler 'dpm' is unknown"),
     (["train", "--sample-steps", "0", "--out", "new"], "--sample-steps must be >= 1"),
     (["train", "--preset", "imagenet256", "--out", "new"], "pass --data IMAGE_FOLDER or --latents"),
     (["train", "--vae", "stabilityai/sd-vae-ft-ema", "--out", "new"], "drop --vae"),
@@ -67,7 +66,7 @@ BAD = [
     (["train", "--resume", RUN, "--init", RUN], "pass only one"),
     (["train", "--resume", RUN, "--out", "elsewhere"], "drop --out"),
     (["train", "--resume", "empty"], "nothing to resume"),
-    (["train", "--resume", RUN, "--sampler", "dpm"], "--sampler must be one of"),
+    (["train", "--resume", RUN, "--sampler", "dpm"], "sampler 'dpm' is unknown"),
     # ---- sample
     (["sample", "--ckpt", RUN, "--steps", "0", "--out", "s.npz"], "--steps must be >= 1"),
     (["sample", "--ckpt", RUN, "--num-samples", "0", "--out", "s.npz"], "--num-samples must be >= 1"),
@@ -174,5 +173,5 @@ def test_sample_defaults_are_the_runs_and_no_progress(ws, tmp_path, capsys):
     cap = capsys.readouterr()
     assert code == 0
     # the run's preview sampler and steps (TINY: ddim, 2), 8 per class for a grid
-    assert "wrote 80 samples (ddim, 2 steps, cfg 1.3)" in cap.out
+    assert "wrote 80 samples (diffusion ddim, 2 steps, cfg 1.3)" in cap.out
     assert "sampling" not in cap.err

@@ -1,6 +1,5 @@
 """Long runs: the non-finite guard, preemption, retention, file modes, fine-tuning (--init)."""
 import json
-import math
 import os
 import signal
 import stat

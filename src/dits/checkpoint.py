@@ -171,7 +171,7 @@ def _from_file(file: Path, model_name: str | None, use_ema: bool) -> Weights:
     else:
         obj = load_checkpoint(file)
     info = {"source": str(file), "step": obj.get("step"), "train_config": obj.get("train_config"),
-            "vae_spec": obj.get("vae_spec")}
+            "vae_spec": obj.get("vae_spec"), "objective": obj.get("objective")}  # see dits.objectives.objective_of
     if obj.get("format") == FORMAT:
         cfg = DiTConfig.from_dict(obj["model_config"])
         key = "ema" if use_ema and obj.get("ema") is not None else "model"

@@ -1,7 +1,8 @@
 """Training configuration as plain data: a dataclass, YAML presets, CLI overrides.
 
 Precedence: dataclass defaults (the paper's recipe, SPEC section 4) < preset YAML
-(``src/dits/configs/<name>.yaml``, or a path) < command-line flags.
+(``src/dits/configs/<name>.yaml``, or a path) < the preset's section for the chosen objective
+(e.g. a ``flow:`` mapping of keys that differ under ``--objective flow``) < command-line flags.
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ class TrainConfig:
     num_heads: int | None = None
     patch_size: int | None = None
     block: str = "adaln-zero"
-    learn_sigma: bool = True
+    learn_sigma: bool | None = None   # None: automatic per objective (diffusion: on, as DiT; flow: off)
     class_dropout_prob: float = 0.1
     init: str | None = None           # fine-tune from these weights: run dir, .pt, .safetensors, diffusers dir, Hub id
     # ---- diffusion
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
+    objective: str = "diffusion"      # diffusion (DiT) | flow (linear interpolant, velocity; docs/flow.md)
     # ---- optimisation (the paper's recipe)
     steps: int = 400_000
     batch_size: int = 256             # global, over all processes
@@ -55,10 +57,12 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 50_000
     sample_every: int = 0             # 0: same as ckpt_every
-    sampler: str = "ddpm"             # for preview grids and the evaluation at the end
+    sampler: str | None = None        # for preview grids and the evaluation at the end; None: the
+                                      # objective's default (ddpm for diffusion, sde for flow)
     sample_steps: int = 250
     cfg_scale: float = 4.0
     samples_per_class: int = 8        # columns of the preview grid (one row per class)
+    guidance_interval: str | None = None  # "LO,HI": previews guide only at noise levels in [LO, HI] (docs/flow.md)
     eval_samples: int = 0             # digits metric sample count at each preview and at the end (0 = off)
     num_workers: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
@@ -69,13 +73,11 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Everything that can be checked without data or weights, so that a typo fails in the
         first second, before a run directory exists."""
-        from dits.diffusion.sampling import SAMPLERS
         from dits.models.blocks import BLOCKS
         from dits.models.configs import MODEL_NAMES, canonical_name
 
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         _choice("on-nonfinite", self.on_nonfinite, ("stop", "skip"))
-        _choice("sampler", self.sampler, SAMPLERS)
         _choice("block", self.block, tuple(BLOCKS))
         _choice("noise-schedule", self.noise_schedule, ("linear", "cosine"))
         if canonical_name(self.model) not in (*MODEL_NAMES, "DiT"):
@@ -101,7 +103,17 @@ class TrainConfig:
             raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.data == "digits" and not self.latents and self.vae:
             raise UserError("the built-in digits train in pixel space; drop --vae (or pass --data FOLDER)")
+        self._validate_objective()
         return self
+
+    def _validate_objective(self) -> None:
+        from dits.diffusion.guidance import parse_interval
+        from dits.objectives import check_sampler, resolve_learn_sigma
+
+        resolve_learn_sigma(self.objective, self.learn_sigma)
+        if self.sampler is not None:
+            check_sampler(self.objective, self.sampler)
+        parse_interval(self.guidance_interval)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,14 +197,29 @@ def load_preset(name_or_path: str) -> dict:
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
-    TrainConfig.from_dict(data, where=str(path))  # validate keys
+    TrainConfig.from_dict(_without_sections(data), where=str(path))  # validate keys
+    for name, section in _sections(data).items():
+        TrainConfig.from_dict(section, where=f"{path} ({name}:)")
     return data
+
+
+def _sections(data: dict) -> dict:
+    """The preset's per-objective mappings, e.g. ``flow: {sampler: heun}``."""
+    from dits.objectives import OBJECTIVES
+    return {k: v for k, v in data.items() if k in OBJECTIVES and isinstance(v, dict)}
+
+
+def _without_sections(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k not in _sections(data)}
 
 
 def resolve_config(preset: str | None = None, overrides: dict | None = None) -> TrainConfig:
     values: dict = {}
     if preset:
-        values.update(load_preset(preset))
+        data = load_preset(preset)
+        values.update(_without_sections(data))
+        objective = (overrides or {}).get("objective") or values.get("objective") or "diffusion"
+        values.update(_sections(data).get(objective, {}))
     typed = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(typed)
     if values.get("vae") and "vae" not in typed and values.get("data", "digits") == "digits" \

@@ -35,15 +35,22 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str = "ddpm", steps: int = 250,
              cfg_scale: float = 1.0, guided_channels: int | None = None, seed: int = 0, batch_size: int = 256,
              vae=None, clip_denoised: bool | None = None, diffusion_steps: int = 1000,
-             noise_schedule: str = "linear", device=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             noise_schedule: str = "linear", device=None, progress: bool = False, objective: str = "diffusion",
+             guidance_interval: tuple[float, float] | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``n`` samples; returns (uint8 images N x H x W x C, int64 labels N).
 
     Sample i uses seed ``seed + i``, so it does not depend on the batch size. Without
     ``labels`` a conditional model samples balanced classes. ``vae`` (see ``dits.vae``)
     decodes latents; pixel models clip x0 to [-1, 1] at each step, latent models do not (as
-    DiT).
+    DiT). ``objective`` ("diffusion" or "flow", see :mod:`dits.objectives`) picks the sampler
+    family; ``guidance_interval=(lo, hi)`` guides only at noise levels in [lo, hi] (flow time
+    t; for diffusion the t with the same signal-to-noise ratio).
     """
-    from dits.diffusion import sample as diffusion_sample
+    from dits.objectives import check_sampler, sample as objective_sample
+    from dits.diffusion.guidance import parse_interval
+
+    check_sampler(objective, sampler)
+    guidance_interval = parse_interval(guidance_interval)
 
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -74,8 +81,9 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
         for start in starts:
             m = min(batch_size, n - start)
             y = labels[start:start + m].to(device) if labels is not None else None
-            x = diffusion_sample(model, (m, *shape), y=y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                 guided_channels=guided_channels, learn_sigma=model.learn_sigma,
+            x = objective_sample(model, (m, *shape), objective=objective, y=y, sampler=sampler, steps=steps,
+                                 cfg_scale=cfg_scale, guided_channels=guided_channels,
+                                 guidance_interval=guidance_interval, learn_sigma=model.learn_sigma,
                                  noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
                                  clip_denoised=clip_denoised, seed=seed + start, device=device)
             if vae is not None:

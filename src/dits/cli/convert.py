@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.to:
         model, info = load_model(args.src, model_name=args.model)
+        from dits.objectives import objective_of
+        if objective_of(info) != "diffusion":
+            raise UserError(f"{args.src} is a {objective_of(info)} model; diffusers' DiTPipeline would sample it "
+                            "as Gaussian diffusion, so it is not exported (sample it with dits sample)")
         meta = {k: info.get(k) for k in ("source", "step", "weights", "train_config", "vae_spec")}
         names = _class_names(args.class_names, info)
         if names is not None and len(names) != model.num_classes:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dits.diffusion.sampling import SAMPLERS
 from dits.errors import UserError
 
 
@@ -20,10 +19,12 @@ def register(sub) -> None:
     a("--num-samples", type=int, default=None, help="default: 8 per class for a .png grid, else 100")
     a("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's; 4.0 for reference files)")
     a("--guided-channels", type=int, default=None, help="guide only the first K eps channels (3 = reference FID)")
-    a("--sampler", default=None, help=f"{' | '.join(SAMPLERS)} (default: the run's preview sampler; ddpm for "
-                                      "weights without a training config)")
+    a("--sampler", default=None, help="diffusion: ddpm | ddim | dpm++ | heun; flow: euler | heun | sde "
+                                      "(default: the run's preview sampler; else ddpm / sde)")
     a("--steps", type=int, default=None, help="sampling steps (default: the run's preview steps with its sampler; "
-                                              "else 250 for ddpm, 50 for the others)")
+                                              "else 250 for ddpm and sde, 50 for the others)")
+    a("--guidance-interval", default=None, metavar="LO,HI",
+      help="guide only at noise levels in [LO, HI] (0 = data, 1 = noise; docs/flow.md); default: the run's")
     a("--seed", type=int, default=0)
     a("--class", dest="classes", default=None, help="comma-separated class ids (default: balanced over classes)")
     a("--batch-size", type=int, default=256)
@@ -50,8 +51,10 @@ def run(args) -> int:
     for flag in ("num_samples", "steps", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {args.sampler!r}")
+    from dits.objectives import SAMPLERS
+    known = sorted(set().union(*SAMPLERS.values()))
+    if args.sampler is not None and args.sampler not in known:  # before any weights load; per objective below
+        raise UserError(f"unknown sampler {args.sampler!r}: --sampler must be one of {', '.join(known)}")
     device = resolve_device(args.device)
     model, info = load_model(args.ckpt, model_name=args.model)
     tc = info.get("train_config") or {}
@@ -67,13 +70,16 @@ def run(args) -> int:
         raise UserError("this looks like a latent-space model: pass --vae (e.g. stabilityai/sd-vae-ft-ema "
                         "or a local AutoencoderKL directory) to decode its samples")
 
-    sampler = args.sampler or tc.get("sampler") or "ddpm"
+    from dits.objectives import DEFAULT_SAMPLER, check_sampler, default_steps, objective_of
+    objective = objective_of(info)
+    sampler = check_sampler(objective, args.sampler or tc.get("sampler") or DEFAULT_SAMPLER[objective])
     if args.steps:
         steps = args.steps
     elif sampler == tc.get("sampler") and tc.get("sample_steps"):
         steps = tc["sample_steps"]  # the run's previews: what its grids showed
     else:
-        steps = 250 if sampler == "ddpm" else 50
+        steps = default_steps(sampler)
+    interval = args.guidance_interval if args.guidance_interval is not None else tc.get("guidance_interval")
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else tc.get("cfg_scale", 4.0)
     k = model.num_classes
     if k == 0:
@@ -94,7 +100,7 @@ def run(args) -> int:
             labels = (torch.arange(n) * k // n).long()  # rows of classes, in order
     images, labs = generate(model, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                             guided_channels=args.guided_channels, seed=args.seed, batch_size=args.batch_size,
-                            vae=vae,
+                            vae=vae, objective=objective, guidance_interval=interval,
                             diffusion_steps=tc.get("diffusion_steps", 1000),
                             noise_schedule=tc.get("noise_schedule", "linear"), device=device,
                             progress=not args.no_progress)
@@ -105,7 +111,8 @@ def run(args) -> int:
         save_grid(images, out, ncol=max(1, min(ncol, 32)))
     else:
         save_folder(out, images, labs)
-    print(f"wrote {n} samples ({sampler}, {steps} steps, cfg {cfg_scale}) from {info['source']} "
+    extra = f", guidance interval {interval}" if interval and cfg_scale != 1 else ""
+    print(f"wrote {n} samples ({objective} {sampler}, {steps} steps, cfg {cfg_scale}{extra}) from {info['source']} "
           f"({info['weights']} weights) to {out}")
     return 0
 

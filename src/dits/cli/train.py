@@ -20,7 +20,11 @@ HELP = {
     "out": "run directory",
     "ckpt_every": "checkpoint every K steps",
     "sample_every": "preview grid (and digits metric) every K steps; 0 = --ckpt-every",
-    "sampler": "sampler for previews and evaluation: ddpm | ddim | dpm++ | heun",
+    "sampler": "sampler for previews and evaluation: ddpm | ddim | dpm++ | heun (diffusion), "
+               "euler | heun | sde (flow); default per objective",
+    "objective": "diffusion (DiT) | flow (linear interpolant, velocity prediction; docs/flow.md)",
+    "learn_sigma": "learned variance channels; default: on for diffusion, off for flow",
+    "guidance_interval": "LO,HI: previews guide only at noise levels in [LO, HI] (0 data .. 1 noise)",
     "eval_samples": "samples for the digits metric (0 = off)",
     "device": "auto | cpu | cuda | cuda:N",
     "init": "fine-tune: start model and EMA from a run dir, .pt, .safetensors, diffusers dir or Hub id "

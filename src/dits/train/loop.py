@@ -1,6 +1,9 @@
 """Training DiT: one loop, read top to bottom.
 
-    data batch -> (frozen VAE) -> x0 -> t, noise -> L_simple + L_vlb -> AdamW -> EMA
+    data batch -> (frozen VAE) -> x0 -> t, noise -> objective's loss -> AdamW -> EMA
+
+The objective (``--objective``: DiT's Gaussian diffusion, L_simple + L_vlb, or flow matching's
+velocity MSE) lives in :mod:`dits.objectives`; the loop only asks it for t and the loss.
 
 Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP; gloo on CPU, NCCL on
 CUDA). All randomness of a step (which images, flips, t, noise, label dropout) is drawn
@@ -24,6 +27,7 @@ from dits.config import TrainConfig, merge_resume
 from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.models import DiT, create_model
+from dits.objectives import create_objective, resolve_learn_sigma
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
 from dits.train.faults import NonFiniteGuard, Preemption, agree, injected_fault
 from dits.train.outputs import (LossAccumulator, check_out_dir, clear_run_dir, plot_losses, preview, progress_bar,
@@ -55,7 +59,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> DiT:
     extra = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
     return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                        learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob, block=cfg.block,
+                        learn_sigma=resolve_learn_sigma(cfg.objective, cfg.learn_sigma),
+                        class_dropout_prob=cfg.class_dropout_prob, block=cfg.block,
                         **extra)
 
 
@@ -74,8 +79,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     each of them is applied or refused, see ``dits.config.ON_RESUME``. Without it, keys that
     differ from the built-in defaults count as given. ``overwrite`` lets ``cfg.out`` replace
     an existing run."""
-    from dits.diffusion import create_diffusion
-
     cfg.validate()
     typed = set(typed) if typed is not None else {k for k, v in cfg.to_dict().items() if v != getattr(TrainConfig, k)}
     ctx = setup_distributed(cfg.device)
@@ -124,7 +127,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
         load_optimizer_state(model, opt, state["opt"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-    diffusion = create_diffusion("", noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
+    objective = create_objective(cfg.objective, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                  diffusion_steps=cfg.diffusion_steps)
     rand = StepRandomness(cfg.seed, len(source), cfg.batch_size, cfg.flip)
     lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
@@ -158,7 +161,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
             for step in range(start, cfg.steps):
                 # ---- the global batch's randomness, then this process's slice
                 g = rand.generator(step)
-                t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g)
+                t = objective.draw_t(cfg.batch_size, g)
                 drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout_prob
                 x, y = next(batches)
                 torch.manual_seed((cfg.seed + 1) * 1_000_033 + step * ctx.world + ctx.rank)  # e.g. VAE sampling
@@ -173,7 +176,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step)
                 with _autocast(cfg, ctx.device):
-                    losses = diffusion.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs, noise=noise)
+                    losses = objective.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs,
+                                                        noise=noise)
                 loss = losses["loss"].mean()
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

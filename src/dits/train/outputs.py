@@ -114,9 +114,13 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
     rows = num_classes if num_classes > 0 else 8
     per = cfg.samples_per_class
     labels = grid_labels(num_classes, per) if num_classes > 0 else None
-    common = dict(sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale if num_classes else 1.0,
+    from dits.objectives import DEFAULT_SAMPLER
+
+    common = dict(sampler=cfg.sampler or DEFAULT_SAMPLER[cfg.objective], steps=cfg.sample_steps,
+                  cfg_scale=cfg.cfg_scale if num_classes else 1.0,
                   vae=vae, device=device,
-                  diffusion_steps=cfg.diffusion_steps, noise_schedule=cfg.noise_schedule)
+                  diffusion_steps=cfg.diffusion_steps, noise_schedule=cfg.noise_schedule,
+                  objective=cfg.objective, guidance_interval=cfg.guidance_interval if num_classes else None)
     images, _ = generate(ema, rows * per, labels=labels, seed=cfg.seed, **common)
     save_grid(images, out / f"samples_{step:07d}.png", ncol=per)
     result = {"samples": str(out / f"samples_{step:07d}.png")}

@@ -1,0 +1,138 @@
+"""Training objectives behind one small interface: Gaussian diffusion (DiT) and flow matching (SiT).
+
+The trainer asks an objective for two things: ``draw_t(n, generator)`` (the step's noise
+levels, drawn from the step's generator) and ``training_losses(model, x0, t, model_kwargs,
+noise)`` (a dict of per-sample losses, ``loss`` among them). The sampler side is one call,
+:func:`sample`, which dispatches on the objective to :func:`dits.diffusion.sample` or
+:func:`dits.flow.sample`. Guidance (constant or limited-interval) is shared by both.
+
+Checkpoints record the objective in their ``train_config`` (and inference checkpoints at the
+top level); :func:`objective_of` reads it, and files without it are diffusion (everything
+written before flow existed, and the official DiT checkpoints).
+"""
+from __future__ import annotations
+
+import torch
+
+from dits.diffusion import SAMPLERS as DIFFUSION_SAMPLERS
+from dits.diffusion import create_diffusion
+from dits.diffusion import sample as diffusion_sample
+from dits.diffusion.guidance import diffusion_noise_level, in_interval, parse_interval
+from dits.diffusion.sampling import evaluation_timesteps
+from dits.diffusion.schedule import Schedule
+from dits.errors import UserError
+from dits import flow
+
+OBJECTIVES = ("diffusion", "flow")
+SAMPLERS = {"diffusion": DIFFUSION_SAMPLERS, "flow": flow.FLOW_SAMPLERS}
+# The stochastic 250-step samplers: DiT's DDPM-250, and SiT's SDE (its best FID).
+DEFAULT_SAMPLER = {"diffusion": "ddpm", "flow": "sde"}
+
+
+def check_objective(name: str) -> str:
+    if name not in OBJECTIVES:
+        raise UserError(f"unknown objective {name!r}; use one of: {', '.join(OBJECTIVES)}")
+    return name
+
+
+def resolve_learn_sigma(objective: str, learn_sigma: bool | None) -> bool:
+    """``learn_sigma`` None means automatic: on for diffusion (DiT), off for flow (no variance to learn)."""
+    if learn_sigma is None:
+        return check_objective(objective) == "diffusion"
+    if learn_sigma and objective == "flow":
+        raise UserError("--learn-sigma true does not apply to --objective flow (it predicts the velocity only); "
+                        "drop the flag")
+    return bool(learn_sigma)
+
+
+def check_sampler(objective: str, sampler: str) -> str:
+    """One line if ``sampler`` does not belong to ``objective``'s samplers."""
+    ok = SAMPLERS[check_objective(objective)]
+    if sampler not in ok:
+        other = [o for o in OBJECTIVES if sampler in SAMPLERS[o]]
+        why = f"is a {other[0]} sampler" if other else "is unknown"
+        raise UserError(f"sampler {sampler!r} {why}; this is a {objective} model: use one of {', '.join(ok)}")
+    return sampler
+
+
+def default_steps(sampler: str) -> int:
+    """DiT's 250 for the ancestral samplers (ddpm, and the flow SDE), 50 for the ODE solvers."""
+    return 250 if sampler in ("ddpm", "sde") else 50
+
+
+def objective_of(info: dict | None) -> str:
+    """The objective a checkpoint (``load_model``'s info, or a checkpoint dict) was trained with."""
+    info = info or {}
+    tc = info.get("train_config") if isinstance(info.get("train_config"), dict) else {}
+    return check_objective(info.get("objective") or tc.get("objective") or "diffusion")
+
+
+# ----------------------------------------------------------------------------- training
+class DiffusionObjective:
+    """DiT's Gaussian diffusion: integer t uniform over the T steps, L_simple (+ L_vlb)."""
+    name = "diffusion"
+
+    def __init__(self, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True):
+        self.diffusion = create_diffusion("", noise_schedule=noise_schedule, learn_sigma=learn_sigma,
+                                          diffusion_steps=diffusion_steps)
+
+    def draw_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator)
+
+    def training_losses(self, model, x0, t, model_kwargs=None, noise=None) -> dict:
+        return self.diffusion.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
+
+
+class FlowObjective:
+    """Flow matching with the linear interpolant: continuous t ~ U[0, 1], velocity MSE."""
+    name = "flow"
+
+    def draw_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(n, generator=generator)
+
+    def training_losses(self, model, x0, t, model_kwargs=None, noise=None) -> dict:
+        return flow.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
+
+
+def create_objective(name: str, *, noise_schedule: str = "linear", diffusion_steps: int = 1000,
+                     learn_sigma: bool | None = None):
+    learn_sigma = resolve_learn_sigma(name, learn_sigma)
+    if name == "flow":
+        return FlowObjective()
+    return DiffusionObjective(noise_schedule, diffusion_steps, learn_sigma)
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample(model, shape, *, objective: str = "diffusion", sampler: str | None = None, steps: int | None = None,
+           learn_sigma: bool = True, noise_schedule: str = "linear", diffusion_steps: int = 1000, **kwargs):
+    """x₀ samples from ``model`` trained with ``objective``; ``kwargs`` as :func:`dits.diffusion.sample`
+    (``y``, ``cfg_scale``, ``guided_channels``, ``guidance_interval``, ``clip_denoised``, ``seed``, ...)."""
+    sampler = check_sampler(objective, sampler or DEFAULT_SAMPLER[objective])
+    steps = default_steps(sampler) if steps is None else steps
+    if objective == "flow":
+        return flow.sample(model, shape, sampler=sampler, steps=steps, **kwargs)
+    return diffusion_sample(model, shape, sampler=sampler, steps=steps, learn_sigma=learn_sigma,
+                            noise_schedule=noise_schedule, diffusion_steps=diffusion_steps, **kwargs)
+
+
+def evaluation_levels(objective: str, sampler: str, steps: int, noise_schedule: str = "linear",
+                      diffusion_steps: int = 1000) -> torch.Tensor:
+    """Noise level (flow-t scale, see :mod:`dits.diffusion.guidance`) of each model call, in order."""
+    check_sampler(objective, sampler)
+    if objective == "flow":
+        flow.check_steps(sampler, steps)
+        ts = torch.tensor(flow.evaluation_times(sampler, steps), dtype=torch.float32)
+        return flow.noise_level(flow.model_time(ts))  # exactly what the guided wrapper computes
+    level = diffusion_noise_level(Schedule.named(noise_schedule, diffusion_steps).alphas_cumprod)
+    return level(torch.tensor(evaluation_timesteps(sampler, steps, noise_schedule, diffusion_steps)))
+
+
+def count_nfe(objective: str, sampler: str, steps: int, cfg_scale: float = 1.0, guidance_interval=None,
+              noise_schedule: str = "linear", diffusion_steps: int = 1000) -> int:
+    """Network evaluations per sample: a guided call counts 2 (conditional + unconditional rows)."""
+    levels = evaluation_levels(objective, sampler, steps, noise_schedule, diffusion_steps)
+    if cfg_scale == 1:
+        return len(levels)
+    interval = parse_interval(guidance_interval)
+    guided = torch.ones_like(levels, dtype=torch.bool) if interval is None else in_interval(levels, interval)
+    return len(levels) + int(guided.sum())
