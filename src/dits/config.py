@@ -48,6 +48,7 @@ class TrainConfig:
     ema_warmup: bool = False          # decay min(ema_decay, (1+n)/(10+n)): EMA useful early in short runs
     precision: str = "fp32"           # fp32 | bf16 | fp16
     seed: int = 0
+    lr_schedule: str = "constant"     # constant | cosine (after warm-up, to 0 at --steps; short runs)
     # ---- bookkeeping
     out: str = "runs/dit"
     log_every: int = 100
@@ -61,6 +62,9 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     fsdp: bool = False
+    # ---- speed (dits.speed decides the kernels; these only say what the user asked for)
+    compile: str = "auto"             # auto | on | off: torch.compile the model (auto: where it pays back)
+    grad_checkpoint: bool = False     # recompute each block's activations in backward: less memory, ~1/3 more compute
 
     def validate(self) -> "TrainConfig":
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -72,6 +76,12 @@ class TrainConfig:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise UserError(f"compile must be auto, on or off, got {self.compile!r}")
+        if not isinstance(self.grad_checkpoint, bool):
+            raise UserError(f"grad-checkpoint must be true or false, got {self.grad_checkpoint!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -25,19 +26,24 @@ from dits.config import TrainConfig
 from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.models import DiT, create_model
+from dits.speed import adamw, check_precision, compile_module, setup_device, should_compile
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
 from dits.train.outputs import LossAccumulator, plot_losses, preview, progress_bar, to_yaml, truncate_log
 from dits.train.sources import StepRandomness, build_data
 
 # Config keys that may change when resuming; anything else must match the checkpoint.
 RESUMABLE_KEYS = {"steps", "log_every", "ckpt_every", "sample_every", "eval_samples", "num_workers", "device",
-                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale", "fsdp", "precision"}
+                  "out", "samples_per_class", "sample_steps", "sampler", "cfg_scale", "fsdp", "precision",
+                  "compile", "grad_checkpoint"}
 
 
 # ---------------------------------------------------------------------------- the loop
 def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":  # half a cosine from lr after warm-up to 0 at the last step
+        frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
     return cfg.lr
 
 
@@ -107,7 +113,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         shard(ema)  # sharded the same way, so the EMA update is a local operation on each shard
     elif ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = _speed_up(cfg, model, net, ctx, start)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, ctx.device)  # fused kernel where there is one
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     if state is not None:
         load_optimizer_state(model, opt, state["opt"])
@@ -203,6 +210,17 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         ctx.barrier()  # leave together: a process that tears down gloo while a peer still talks aborts
         dist.destroy_process_group()
     return summary
+
+
+def _speed_up(cfg: TrainConfig, model: DiT, net: torch.nn.Module, ctx, start: int) -> torch.nn.Module:
+    """The speed choices (dits.speed) that change how the step runs, never what it computes."""
+    check_precision(cfg.precision, ctx.device)
+    setup_device(ctx.device)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    compile_it, why_not = should_compile(cfg.compile, ctx.device, cfg.steps - start)
+    if why_not and ctx.main:
+        print(f"dits train: {why_not}", flush=True)
+    return compile_module(net) if compile_it else net
 
 
 def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:
