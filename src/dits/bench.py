@@ -78,7 +78,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5,
+                clock: str = "wall") -> float:
     """FLOP/s of a large square matmul on ``device`` in ``dtype``: the roofline MFU is measured
     against (best of ``repeats``, as a peak should be)."""
     n = n or (8192 if device.type == "cuda" else 1024)
@@ -86,12 +87,12 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     _sync(device)
-    best = float("inf")
+    best, now = float("inf"), CLOCKS[clock]
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
     return 2 * n ** 3 / best
 
 
@@ -102,10 +103,22 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+CLOCKS = {
+    "wall": time.perf_counter,
+    # CPU seconds of this process: on a shared machine (other jobs competing for the cores)
+    # it counts the work done rather than the waiting. Meaningful with one thread
+    # (OMP_NUM_THREADS=1); with more, it sums the threads' time.
+    "cpu": time.process_time,
+}
+
+
 def interleave(contenders: dict[str, Callable[[], None]], rounds: int, per_round: int, warmup: int,
-               device: torch.device, progress: bool = True) -> list[Timing]:
+               device: torch.device, progress: bool = True, clock: str = "wall") -> list[Timing]:
     """Run each contender ``warmup`` times, then ``rounds`` rounds of ``per_round`` calls each,
     cycling through the contenders every round; seconds per call, one entry per round."""
+    if clock not in CLOCKS or (clock == "cpu" and device.type != "cpu"):
+        raise UserError(f"clock must be wall, or cpu for a CPU run, got {clock!r} on {device}")
+    now = CLOCKS[clock]
     timings = {name: Timing(name) for name in contenders}
     for name, fn in contenders.items():
         for _ in range(warmup):
@@ -115,11 +128,11 @@ def interleave(contenders: dict[str, Callable[[], None]], rounds: int, per_round
         for name, fn in contenders.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(per_round):
                 fn()
             _sync(device)
-            timings[name].seconds.append((time.perf_counter() - t0) / per_round)
+            timings[name].seconds.append((now() - t0) / per_round)
             timings[name].peak_bytes = max(timings[name].peak_bytes, _peak_memory(device))
         if progress:
             print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {t.seconds[-1] * 1e3:.1f} ms"
@@ -294,7 +307,8 @@ def official_samplers(s: Setup, path: str, extra_paths: list[str], like) -> dict
 
 
 # ----------------------------------------------------------------------------- report
-def report(timings: list[Timing], s: Setup, work_flops: float, images: int, peak: float, unit: str) -> str:
+def report(timings: list[Timing], s: Setup, work_flops: float, images: int, peak: float, unit: str,
+           clock: str = "wall") -> str:
     """The table: per-call time, images/s, TFLOP/s, MFU, peak memory; then ratios to the best
     official contender (official = the faster of its attention paths, as the issue defines)."""
     rows = [f"{'':38s} {unit:>10s} {'img/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s}"]
@@ -308,19 +322,20 @@ def report(timings: list[Timing], s: Setup, work_flops: float, images: int, peak
         best = min(official, key=lambda t: t.median)
         for t in mine:
             rows.append(f"speed-up of {t.name} over {best.name}: {best.median / t.median:.2f}x")
-    rows.append(f"matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s ({s.precision} on {s.device}); "
-                "medians over rounds; peak memory: " + ("max_memory_allocated" if s.device.startswith("cuda")
-                                                        else "process RSS high-water mark (shared by all contenders)"))
+    memory = "max_memory_allocated" if s.device.startswith("cuda") else "process RSS high-water mark (all contenders)"
+    rows.append(f"matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s ({s.precision} on {s.device}); {clock} "
+                f"clock, {torch.get_num_threads()} thread(s); medians over rounds; peak memory: {memory}")
     return "\n".join(rows)
 
 
-def _peak_for(s: Setup) -> float:
+def _peak_for(s: Setup, clock: str) -> float:
     device = torch.device(s.device)
-    return matmul_peak(device, DTYPES[s.precision] if s.precision != "fp16" or device.type == "cuda" else torch.float32)
+    dtype = DTYPES[s.precision] if s.precision != "fp16" or device.type == "cuda" else torch.float32
+    return matmul_peak(device, dtype, clock=clock)
 
 
 def bench_train(s: Setup, official: str | None = None, extra_paths=(), rounds: int = 5, per_round: int = 10,
-                warmup: int = 3, attention: str = "auto", progress: bool = True) -> str:
+                warmup: int = 3, attention: str = "auto", progress: bool = True, clock: str = "wall") -> str:
     """Time training steps; returns the printed table."""
     set_attention(attention)
     try:
@@ -328,23 +343,23 @@ def bench_train(s: Setup, official: str | None = None, extra_paths=(), rounds: i
         contenders = {f"dits ({s.precision}, compile {s.compile})": step}
         if official:
             contenders.update(official_train_steps(s, official, list(extra_paths), model))
-        peak = _peak_for(s)
-        timings = interleave(contenders, rounds, per_round, warmup, torch.device(s.device), progress)
+        peak = _peak_for(s, clock)
+        timings = interleave(contenders, rounds, per_round, warmup, torch.device(s.device), progress, clock)
     finally:
         set_attention("auto")
     flops = 6 * count_flops(model) * s.batch
-    return report(timings, s, flops, s.batch, peak, "ms/step")
+    return report(timings, s, flops, s.batch, peak, "ms/step", clock)
 
 
 def bench_sample(s: Setup, official: str | None = None, extra_paths=(), rounds: int = 3, warmup: int = 1,
-                 progress: bool = True) -> str:
+                 progress: bool = True, clock: str = "wall") -> str:
     """Time a whole sampling run of ``s.batch`` images; returns the printed table."""
     run, model = dits_sample(s)
     contenders = {f"dits generate ({s.sampler}, {s.sample_steps} steps)": run}
     if official:
         contenders.update(official_samplers(s, official, list(extra_paths), model))
-    peak = _peak_for(s)
-    timings = interleave(contenders, rounds, 1, warmup, torch.device(s.device), progress)
+    peak = _peak_for(s, clock)
+    timings = interleave(contenders, rounds, 1, warmup, torch.device(s.device), progress, clock)
     per_image = (2 if s.cfg_scale != 1 else 1) * s.sample_steps
     flops = 2 * count_flops(model) * s.batch * per_image
-    return report(timings, s, flops, s.batch, peak, "ms/batch")
+    return report(timings, s, flops, s.batch, peak, "ms/batch", clock)

@@ -69,6 +69,8 @@ def _common(p, batch_default) -> None:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile (default auto, as `dits train`)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time (default), or this process's CPU time: steadier on a shared CPU (one thread)")
     p.add_argument("--official", metavar="PATH", default=None,
                    help="a facebookresearch/DiT checkout (models.py + diffusion/) to compare with; never part of dits")
     p.add_argument("--official-path", metavar="DIR", action="append", default=[],
@@ -121,7 +123,7 @@ def _train(args) -> int:
         raise UserError("--steps and --rounds must be >= 1")
     _header("train", s)
     print(bench_train(s, args.official, _extra_paths(args), rounds=args.rounds, per_round=args.steps,
-                      attention=args.attention))
+                      attention=args.attention, clock=args.clock))
     return 0
 
 
@@ -133,7 +135,7 @@ def _sample(args) -> int:
         from dits.errors import UserError
         raise UserError("--rounds and --sample-steps must be >= 1")
     _header("sample", s)
-    print(bench_sample(s, args.official, _extra_paths(args), rounds=args.rounds))
+    print(bench_sample(s, args.official, _extra_paths(args), rounds=args.rounds, clock=args.clock))
     return 0
 
 
