@@ -59,7 +59,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):  # (no autocast on e.g. "meta")
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
