@@ -33,7 +33,6 @@ def set_attention(impl: str) -> None:
     _forced_attention = impl
 
 
-@functools.lru_cache(maxsize=None)
 def attention_impl(device_type: str, dtype: torch.dtype, seq_len: int, grad: bool) -> str:
     """"sdpa" (``F.scaled_dot_product_attention``) or "math" (two matmuls and a softmax).
 
