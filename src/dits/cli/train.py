@@ -22,7 +22,7 @@ HELP = {
     "sampler": "sampler for previews and evaluation: ddpm | ddim | dpm++ | heun",
     "eval_samples": "samples for the digits metric (0 = off)",
     "device": "auto | cpu | cuda | cuda:N",
-    "compile": "auto | on | off: torch.compile the model (auto: on CUDA for long runs)",
+    "compile": "auto | on | off: torch.compile the model (auto: runs long enough to repay it)",
     "grad_checkpoint": "true | false: recompute block activations in backward (less memory)",
 }
 
