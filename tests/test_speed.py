@@ -268,6 +268,8 @@ def test_bench_train_and_sample_print_the_table(capsys, tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["train", "--official", "/no/such/DiT"], "facebookresearch/DiT checkout"),
     (["train", "--batch", "0"], "--batch must be >= 1"),
+    pytest.param(["sample", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     (["sample", "--sampler", "heun", "--official", "OFFICIAL"], "use --sampler ddpm"),
 ])
 def test_bench_bad_input(capsys, tmp_path, argv, needle):

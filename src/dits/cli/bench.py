@@ -94,6 +94,10 @@ def _setup(args):
     v.setdefault("batch", 8)
     if v["model"] != "DiT":
         v.update(depth=None, hidden_size=None, num_heads=None, patch_size=None)
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
     if v["batch"] < 1:
         raise UserError(f"--batch must be >= 1, got {v['batch']}")
     extra = dict(precision=args.precision, compile=args.compile, device=args.device)
