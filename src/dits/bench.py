@@ -314,7 +314,7 @@ def report(timings: list[Timing], s: Setup, work_flops: float, images: int, peak
     rows = [f"{'':38s} {unit:>10s} {'img/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s}"]
     for t in timings:
         sec = t.median
-        rows.append(f"{t.name:38s} {sec * 1e3:10.1f} {images / sec:9.1f} {work_flops / sec / 1e12:8.4f} "
+        rows.append(f"{t.name:38s} {sec * 1e3:10.1f} {images / sec:9.2f} {work_flops / sec / 1e12:8.4f} "
                     f"{work_flops / sec / peak:6.1%} {t.peak_bytes / 2 ** 20:7.0f} MB")
     official = [t for t in timings if t.name.startswith("official")]
     mine = [t for t in timings if not t.name.startswith("official")]
