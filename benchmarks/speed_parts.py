@@ -1,3 +1,8 @@
+"""Micro-timings behind docs/performance.md's "what each change bought" table: AdamW variants,
+EMA update styles, attention kernels by shape/dtype, and tanh-GELU in bf16. CPU time, one thread.
+
+    PYTHONPATH=src python benchmarks/speed_parts.py
+"""
 import time, torch, copy
 torch.set_num_threads(1)
 from dits.models import create_model
@@ -35,3 +40,6 @@ for shape in [(64,4,16,32),(128,4,16,32),(8,6,256,64)]:
                 return go
             a=med(run(F.scaled_dot_product_attention), 15); b=med(run(math_attention), 15)
             print(f"attention {shape} {dt} {'fwd+bwd' if bwd else 'fwd'}: sdpa {a:.2f} ms, matmuls {b:.2f} ms, sdpa/matmuls {a/b:.2f}")
+x = torch.randn(64 * 16, 512, dtype=torch.bfloat16, requires_grad=True)
+g = torch.randn(64 * 16, 512, dtype=torch.bfloat16)
+print(f"tanh-GELU fwd+bwd, bf16 (1024, 512): {med(lambda: F.gelu(x, approximate='tanh').backward(g)):.2f} ms")
