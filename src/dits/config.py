@@ -51,6 +51,7 @@ class TrainConfig:
     ema_warmup: bool = False          # decay min(ema_decay, (1+n)/(10+n)): EMA useful early in short runs
     precision: str = "fp32"           # fp32 | bf16 | fp16
     seed: int = 0
+    lr_schedule: str = "constant"     # constant | cosine (after warm-up, to 0 at --steps; short runs)
     on_nonfinite: str = "stop"        # a non-finite loss or grad norm: stop (exit non-zero) | skip (drop that update)
     # ---- bookkeeping
     out: str = "runs/dit"
@@ -69,6 +70,9 @@ class TrainConfig:
     fsdp: bool = False
     keep_last: int = 0                # keep the K newest periodic checkpoints (0 = keep all)
     keep_every: int = 0               # also keep every checkpoint whose step is a multiple of M (0 = none)
+    # ---- speed (dits.speed decides the kernels; these only say what the user asked for)
+    compile: str = "auto"             # auto | on | off: torch.compile the model (auto: where it pays back)
+    grad_checkpoint: bool = False     # recompute each block's activations in backward: less memory, ~1/3 more compute
 
     def validate(self) -> "TrainConfig":
         """Everything that can be checked without data or weights, so that a typo fails in the
@@ -103,6 +107,10 @@ class TrainConfig:
             raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.data == "digits" and not self.latents and self.vae:
             raise UserError("the built-in digits train in pixel space; drop --vae (or pass --data FOLDER)")
+        _choice("lr-schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("compile", self.compile, ("auto", "on", "off"))
+        if not isinstance(self.grad_checkpoint, bool):
+            raise UserError(f"--grad-checkpoint must be true or false, got {self.grad_checkpoint!r}")
         self._validate_objective()
         return self
 

@@ -1,15 +1,25 @@
 """``dits bench``: reproducible benchmarks.
 
-``dits bench samplers [--quick]`` prints each sampler's error against the number of network
-evaluations (NFE) on data whose exact denoiser is known (see dits.diffusion.benchmark).
-``dits bench flow --diffusion RUN --flow RUN`` compares the two objectives on the digits
-(see dits.flow_bench and docs/flow.md).
+- ``dits bench samplers [--quick]``: each sampler's error against the number of network
+  evaluations (NFE) on data whose exact denoiser is known (see dits.diffusion.benchmark).
+- ``dits bench train`` / ``dits bench sample``: speed of the trainer's step and of the
+  sampler at any model size, batch, precision, compile mode and device; with
+  ``--official PATH`` side by side with the official DiT code (see dits.bench).
+- ``dits bench flow --diffusion RUN --flow RUN``: the two objectives compared on the digits
+  (see dits.flow_bench and docs/flow.md).
 """
 from __future__ import annotations
 
+import os
+
+PRESET_SHAPES = {  # --preset: the model and data shape of a training preset
+    "digits": dict(model="DiT", depth=4, hidden_size=128, num_heads=4, patch_size=2, input_size=8, in_channels=1,
+                   num_classes=10, batch=64),
+}
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="run a benchmark (samplers)",
+    p = subparsers.add_parser("bench", help="run a benchmark (samplers, train, sample)",
                               description="Reproducible benchmarks.")
     targets = p.add_subparsers(dest="target", metavar="TARGET")
     targets.required = True
@@ -23,6 +33,117 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed for x_T and DDPM's noise (default 0)")
     s.set_defaults(func=_samplers)
     _register_flow(targets)
+
+    t = targets.add_parser("train", help="training step speed (optionally against the official code)",
+                           description="Time `dits train`'s step (its defaults) at a model size, batch and precision: "
+                                       "ms/step, images/s, TFLOP/s, MFU against a matmul peak measured in the same "
+                                       "run, peak memory. With --official, the official DiT loop body runs "
+                                       "interleaved in the same process and the ratio is printed.")
+    _common(t, batch_default=None)
+    t.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
+    t.add_argument("--attention", choices=("auto", "sdpa", "math"), default="auto",
+                   help="force an attention kernel (default auto: dits.speed's rules)")
+    t.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
+    t.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported (default 5)")
+    t.set_defaults(func=_train)
+
+    m = targets.add_parser("sample", help="sampling speed (optionally against the official code)",
+                           description="Time dits.sample.generate (what `dits sample` runs) on one batch; with "
+                                       "--official, the official p_sample_loop with forward_with_cfg interleaved.")
+    _common(m, batch_default=None)
+    m.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm++ | heun (default ddpm)")
+    m.add_argument("--sample-steps", type=int, default=250, help="sampling steps (default 250)")
+    m.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default 4.0)")
+    m.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
+    m.set_defaults(func=_sample)
+
+
+def _common(p, batch_default) -> None:
+    p.add_argument("--preset", choices=sorted(PRESET_SHAPES), default=None,
+                   help="take the model and data shape of a training preset (digits: depth 4, width 128, 8x8x1, b64)")
+    p.add_argument("--model", default="DiT-S/2", help="DiT-S/2 ... DiT-XL/8, or DiT with the sizes below (default DiT-S/2)")
+    for name in ("depth", "hidden-size", "num-heads", "patch-size"):
+        p.add_argument(f"--{name}", type=int, default=None, help="custom size (with --model DiT)")
+    p.add_argument("--image-size", type=int, default=None, help="latent/pixel side the model sees (default 32)")
+    p.add_argument("--channels", type=int, default=None, help="input channels (default 3)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default 1000)")
+    p.add_argument("--batch", type=int, default=batch_default, help="batch size (default 8; digits 64)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile (default auto, as `dits train`)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time (default), or this process's CPU time: steadier on a shared CPU (one thread)")
+    p.add_argument("--official", metavar="PATH", default=None,
+                   help="a facebookresearch/DiT checkout (models.py + diffusion/) to compare with; never part of dits")
+    p.add_argument("--official-path", metavar="DIR", action="append", default=[],
+                   help="extra sys.path entry for the official code's imports (timm); repeatable; also "
+                        "DITS_BENCH_PATH (':'-separated)")
+
+
+def _setup(args):
+    from dits.bench import Setup
+    from dits.errors import UserError
+
+    v = dict(PRESET_SHAPES.get(args.preset, {}))
+    given = {"model": None if args.model == "DiT-S/2" and args.preset else args.model, "depth": args.depth,
+             "hidden_size": args.hidden_size, "num_heads": args.num_heads, "patch_size": args.patch_size,
+             "input_size": args.image_size, "in_channels": args.channels, "num_classes": args.num_classes,
+             "batch": args.batch}
+    v.update({k: x for k, x in given.items() if x is not None})
+    v.setdefault("input_size", 32)
+    v.setdefault("in_channels", 3)
+    v.setdefault("num_classes", 1000)
+    v.setdefault("batch", 8)
+    if v["model"] != "DiT":
+        v.update(depth=None, hidden_size=None, num_heads=None, patch_size=None)
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if v["batch"] < 1:
+        raise UserError(f"--batch must be >= 1, got {v['batch']}")
+    extra = dict(precision=args.precision, compile=args.compile, device=args.device)
+    for k in ("sampler", "sample_steps", "cfg_scale", "grad_checkpoint"):
+        if hasattr(args, k):
+            extra[k] = getattr(args, k)
+    return Setup(**v, **extra)
+
+
+def _extra_paths(args) -> list[str]:
+    env = [p for p in os.environ.get("DITS_BENCH_PATH", "").split(":") if p]
+    return list(args.official_path) + env
+
+
+def _header(kind: str, s) -> None:
+    size = s.model if s.model != "DiT" else f"DiT depth {s.depth} width {s.hidden_size} heads {s.num_heads} patch {s.patch_size}"
+    print(f"dits bench {kind}: {size}, {s.input_size}x{s.input_size}x{s.in_channels}, batch {s.batch}, "
+          f"{s.precision}, compile {s.compile}, {s.device}", flush=True)
+
+
+def _train(args) -> int:
+    from dits.bench import bench_train
+
+    s = _setup(args)
+    if args.steps < 1 or args.rounds < 1:
+        from dits.errors import UserError
+        raise UserError("--steps and --rounds must be >= 1")
+    _header("train", s)
+    print(bench_train(s, args.official, _extra_paths(args), rounds=args.rounds, per_round=args.steps,
+                      attention=args.attention, clock=args.clock))
+    return 0
+
+
+def _sample(args) -> int:
+    from dits.bench import bench_sample
+
+    s = _setup(args)
+    if args.rounds < 1 or args.sample_steps < 1:
+        from dits.errors import UserError
+        raise UserError("--rounds and --sample-steps must be >= 1")
+    _header("sample", s)
+    print(bench_sample(s, args.official, _extra_paths(args), rounds=args.rounds, clock=args.clock))
+    return 0
 
 
 def _samplers(args) -> int:

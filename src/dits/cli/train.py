@@ -32,6 +32,8 @@ HELP = {
     "on_nonfinite": "on a NaN/inf loss or grad norm: stop (exit non-zero, last good checkpoint kept) | skip",
     "keep_last": "keep only the K newest checkpoints (0 = all)",
     "keep_every": "with --keep-last: also keep every checkpoint whose step is a multiple of M",
+    "compile": "auto | on | off: torch.compile the model (auto: runs long enough to repay it)",
+    "grad_checkpoint": "true | false: recompute block activations in backward (less memory)",
 }
 
 

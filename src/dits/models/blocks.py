@@ -8,8 +8,9 @@ timestep and label embeddings (used by cross-attention and in-context conditioni
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from dits.speed import attention
 
 BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attn", "in-context")
 
@@ -34,7 +35,7 @@ class Attention(nn.Module):
         n, t, d = x.shape
         # (N, T, 3, H, d/H) -> three (N, H, T, d/H): the order of the reference's weights.
         q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attention(q, k, v)  # SDPA or explicit matmuls, by device/dtype/length (dits.speed)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
@@ -53,7 +54,7 @@ class CrossAttention(nn.Module):
         h = self.num_heads
         q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)
         k, v = self.kv(context).reshape(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 

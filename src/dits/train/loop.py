@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.models import DiT, create_model
 from dits.objectives import create_objective, resolve_learn_sigma
+from dits.speed import adamw, check_precision, compile_module, setup_device, should_compile
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
 from dits.train.faults import NonFiniteGuard, Preemption, agree, injected_fault
 from dits.train.outputs import (LossAccumulator, check_out_dir, clear_run_dir, plot_losses, preview, progress_bar,
@@ -40,6 +42,9 @@ from dits.train.sources import StepRandomness, build_data
 def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":  # half a cosine from lr after warm-up to 0 at the last step
+        frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
     return cfg.lr
 
 
@@ -121,7 +126,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
         shard(ema)  # sharded the same way, so the EMA update is a local operation on each shard
     elif ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = _speed_up(cfg, model, net, ctx, start)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, ctx.device)  # fused kernel where there is one
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     if state is not None:
         load_optimizer_state(model, opt, state["opt"])
@@ -244,6 +250,17 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
         ctx.barrier()  # leave together: a process that tears down gloo while a peer still talks aborts
         dist.destroy_process_group()
     return summary
+
+
+def _speed_up(cfg: TrainConfig, model: DiT, net: torch.nn.Module, ctx, start: int) -> torch.nn.Module:
+    """The speed choices (dits.speed) that change how the step runs, never what it computes."""
+    check_precision(cfg.precision, ctx.device)
+    setup_device(ctx.device)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    compile_it, why_not = should_compile(cfg.compile, ctx.device, cfg.steps - start)
+    if why_not and ctx.main:
+        print(f"dits train: {why_not}", flush=True)
+    return compile_module(net) if compile_it else net
 
 
 def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:

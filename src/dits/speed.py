@@ -1,0 +1,192 @@
+"""Speed choices that depend on device, dtype and shape: the one place that decides them.
+
+The model asks it which attention kernel to run; the trainer asks it for the optimiser,
+whether to compile, and the CUDA math modes. Every choice here picks between implementations
+of *the same function* (tests hold each fast path to the eager reference), so a choice can
+only change speed, never the model. The rules are measurements, not guesses; the numbers
+behind them are in docs/performance.md.
+"""
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from dits.errors import UserError
+
+COMPILE_MODES = ("auto", "on", "off")
+ATTENTION_IMPLS = ("auto", "sdpa", "math")
+
+# Forced attention kernel for tests and benchmarks ("auto" = the rules in attention_impl).
+_forced_attention = "auto"
+
+
+# ----------------------------------------------------------------------------- attention
+def set_attention(impl: str) -> None:
+    """Force an attention kernel everywhere ("sdpa", "math") or restore the rules ("auto")."""
+    global _forced_attention
+    if impl not in ATTENTION_IMPLS:
+        raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
+    _forced_attention = impl
+
+
+def attention_impl(device_type: str, dtype: torch.dtype, seq_len: int, grad: bool) -> str:
+    """"sdpa" (``F.scaled_dot_product_attention``) or "math" (two matmuls and a softmax).
+
+    - CUDA: SDPA, which dispatches to flash / memory-efficient kernels.
+    - CPU, bf16/fp16: math. CPU SDPA's half-precision flash backward is 6-18x slower than
+      the explicit matmuls at DiT's shapes, and its forward ~2x (docs/performance.md).
+    - CPU, fp32: SDPA when gradients flow (its fused backward wins, ~1.5-2x at 16 tokens);
+      math for inference on short sequences (<= 64 tokens, ~1.1-1.25x), where SDPA's per-call
+      setup dominates; SDPA again on long sequences (its blocked kernel wins at 256 tokens).
+    """
+    if device_type != "cpu":
+        return "sdpa"
+    if dtype in (torch.bfloat16, torch.float16):
+        return "math"
+    return "sdpa" if grad or seq_len > 64 else "math"
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v with explicit matmuls: the reference definition of attention."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):  # (no autocast on e.g. "meta")
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention on (N, H, T, d) tensors with the kernel the rules pick."""
+    impl = _forced_attention
+    if impl == "auto":
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        impl = attention_impl(q.device.type, _compute_dtype(q), q.shape[-2], grad)
+    if impl == "math":
+        return math_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------- optimiser
+def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """torch.optim.AdamW with the fused kernel where this torch has one for ``device``
+    (CUDA, and CPU since torch 2.4): one kernel over all parameters instead of a Python loop
+    of small ops per tensor. Same update rule, same state dict as the default AdamW."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        # An older torch or a device without the fused kernel: the multi-tensor path.
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=device.type != "cpu" or None)
+
+
+# ----------------------------------------------------------------------------- device modes
+def setup_device(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (Ampere+): ~8x the fp32 tensor throughput with
+    a 10-bit mantissa, the precision DiT's reference training used by default."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run (one line, before any work)."""
+    if precision == "fp16" and device.type == "cpu" and not _cpu_fp16_ok():
+        raise UserError("--precision fp16 is not supported by this CPU's torch build; use --precision bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16 is not supported on {torch.cuda.get_device_name(device)}; use fp16 or fp32")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_fp16_ok() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            a = torch.ones(2, 2, requires_grad=True)
+            (a @ a).sum().backward()
+        return True
+    except RuntimeError:
+        return False
+
+
+# ----------------------------------------------------------------------------- compile
+def compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here, or None if it can."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if sys.platform == "win32":
+        return "torch.compile's inductor backend is not supported on Windows"
+    if device.type == "cpu" and not (shutil.which("gcc") or shutil.which("cc") or shutil.which("g++")):
+        return "no C++ compiler (gcc) on PATH for inductor's CPU kernels"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed (needed for inductor's CUDA kernels)"
+    return None
+
+
+# Compile pays back its one-off cost only over long runs. Measured on the digits model (2 CPU
+# cores): ~37 s to compile, then the fp32 step 1.14x the official code against 1.02x eager,
+# i.e. ~12 % or ~8 ms a step saved: it pays back after ~4,600 steps (docs/performance.md).
+# On CUDA the gain is larger (fused LayerNorm/modulate/GELU epilogues) and a few minutes of
+# compile are repaid within the first thousand steps of any real run.
+AUTO_COMPILE_MIN_STEPS = {"cuda": 2_000, "cpu": 10_000}
+
+
+def should_compile(mode: str, device: torch.device, steps: int) -> tuple[bool, str | None]:
+    """(compile?, a one-line reason when "on"/"auto" ends up not compiling).
+
+    "on" where no compiler exists is a user error; "auto" silently skips what would not pay.
+    """
+    if mode not in COMPILE_MODES:
+        raise UserError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "off":
+        return False, None
+    missing = compiler_missing(device)
+    if mode == "on":
+        if missing:
+            raise UserError(f"--compile on: {missing}; use --compile off (or auto)")
+        return True, None
+    if steps < AUTO_COMPILE_MIN_STEPS.get(device.type, sys.maxsize):
+        return False, None
+    if missing:
+        return False, f"not compiling: {missing}"
+    return True, None
+
+
+class CompiledOrEager(torch.nn.Module):
+    """``torch.compile(module)``, with a clean fallback: if compiling fails on the first call
+    (a broken toolchain, an unsupported op), say why in one line and run eager from then on.
+    Compilation happens before anything executes, so the fallback call starts from scratch.
+    The parameters are ``module``'s own (no copy); save ``module``, not this wrapper."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        # Kept out of the module tree: its parameters are ``module``'s, listed once.
+        self.__dict__["_compiled"] = torch.compile(module, dynamic=False)
+        self.failed = False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self._compiled(*args, **kwargs)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
+                self.failed = True
+                why = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"dits: torch.compile failed ({type(e).__name__}: {why}); running eager", file=sys.stderr)
+        return self.module(*args, **kwargs)
+
+
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The compiled ``module`` with an eager fallback (see :class:`CompiledOrEager`)."""
+    return CompiledOrEager(module)

@@ -1,0 +1,280 @@
+"""Speed paths compute the same function as the eager reference: attention kernels, the fused
+optimiser, activation checkpointing, compile choices, and the `dits bench` commands."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dits import speed
+from dits.cli import main
+from dits.config import TrainConfig
+from dits.errors import UserError
+from dits.models import create_model
+from dits.train.loop import lr_at
+
+TINY = dict(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, in_channels=1, num_classes=10)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = create_model("DiT", **{**TINY, **kw})
+    # Non-zero modulation and output layers, so every block really contributes.
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def batch(n=6, seed=1):
+    """x, t and (labels, no label dropout): the same inputs on every call, in train mode too."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g),
+            torch.randint(0, 10, (n,), generator=g), torch.zeros(n, dtype=torch.bool))
+
+
+@pytest.fixture
+def forced():
+    yield speed.set_attention
+    speed.set_attention("auto")
+
+
+def reference_attention(q, k, v):
+    """Attention from its definition, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    w = torch.exp(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]))
+    return (w / w.sum(-1, keepdim=True)) @ v
+
+
+# ------------------------------------------------------------------ attention kernels
+@pytest.mark.parametrize("t", [2, 16, 80])
+def test_attention_kernels_agree_with_the_definition(t):
+    q, k, v = (torch.randn(3, 4, t, 8) for _ in range(3))
+    ref = reference_attention(q, k, v)
+    for out in (speed.math_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), speed.attention(q, k, v)):
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = speed.attention(q, k, v)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_attention_rules():
+    cpu, cuda = "cpu", "cuda"
+    assert speed.attention_impl(cpu, torch.bfloat16, 16, True) == "math"   # CPU bf16 SDPA backward is slow
+    assert speed.attention_impl(cpu, torch.float16, 256, False) == "math"
+    assert speed.attention_impl(cpu, torch.float32, 16, True) == "sdpa"    # fused fp32 backward wins
+    assert speed.attention_impl(cpu, torch.float32, 16, False) == "math"   # short inference
+    assert speed.attention_impl(cpu, torch.float32, 256, False) == "sdpa"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert speed.attention_impl(cuda, dtype, 256, True) == "sdpa"     # flash / memory-efficient kernels
+    with pytest.raises(UserError):
+        speed.set_attention("flash3")
+
+
+@pytest.mark.parametrize("block", ["adaln-zero", "cross-attn"])
+def test_model_forward_and_grads_equal_across_attention_kernels(forced, block):
+    m = tiny(block=block)
+    x, t, *y = batch()
+    outs, grads = {}, {}
+    for impl in ("sdpa", "math"):
+        forced(impl)
+        m.zero_grad()
+        out = m(x, t, *y)
+        out.square().mean().backward()
+        outs[impl], grads[impl] = out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads["sdpa"], grads["math"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_fast_path_stays_close_to_fp32_eager(forced):
+    m = tiny()
+    x, t, *y = batch()
+    forced("sdpa")
+    ref = m(x, t, *y).detach()
+    forced("auto")  # CPU bf16 -> the explicit-matmul kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(x, t, *y).float()
+    err = (low - ref).abs().max() / ref.abs().max()
+    assert err < 0.05, float(err)
+
+
+# ------------------------------------------------------------------ optimiser
+def test_chosen_adamw_matches_torch_adamw_and_its_state_dict():
+    a, b = tiny(), tiny()
+    fast = speed.adamw(a.parameters(), 1e-2, 0.05, torch.device("cpu"))
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.05, foreach=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # the same gradients for both (gradients of the weights would amplify rounding)
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        fast.step()
+        plain.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(next(a.parameters()), next(tiny().parameters()))  # it did move
+    # checkpoints stay interchangeable with a plain AdamW
+    plain.load_state_dict(fast.state_dict())
+    assert set(fast.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+# ------------------------------------------------------------------ activation checkpointing
+def test_grad_checkpoint_gives_the_same_gradients():
+    m = tiny()
+    x, t, *y = batch()
+    grads = []
+    for ckpt in (False, True):
+        m.grad_checkpoint = ckpt
+        m.zero_grad()
+        m(x, t, *y).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-7, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ compile and precision choices
+def test_compile_choices(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert speed.should_compile("off", cpu, 10**6) == (False, None)
+    monkeypatch.setattr(speed, "compiler_missing", lambda device: None)
+    assert speed.should_compile("auto", cpu, 2400) == (False, None)    # the demo: compile would not pay back
+    assert speed.should_compile("auto", cpu, 10**6) == (True, None)
+    assert speed.should_compile("auto", cuda, 10**6) == (True, None)
+    assert speed.should_compile("auto", cuda, 10)[0] is False          # too short to pay back
+    assert speed.should_compile("on", cpu, 10) == (True, None)
+    monkeypatch.setattr(speed, "compiler_missing", lambda device: "no C++ compiler")
+    with pytest.raises(UserError, match="no C\\+\\+ compiler"):
+        speed.should_compile("on", cpu, 10)
+    compile_it, why = speed.should_compile("auto", cuda, 10**6)
+    assert not compile_it and "no C++ compiler" in why
+    with pytest.raises(UserError):
+        speed.should_compile("sometimes", cpu, 10)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
+    class Broken(torch.nn.Module):  # what torch.compile returns: a module wrapping the original
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *a, **k):
+            raise RuntimeError("C++ compile error: cannot find cc1plus\nmore detail")
+
+    def broken_compile(module, **kw):
+        return Broken(module)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    m = tiny().eval()
+    x, t, *y = batch()
+    net = speed.compile_module(m)
+    out = net(x, t, *y)
+    torch.testing.assert_close(out, m(x, t, *y), atol=0, rtol=0)
+    net(x, t, *y)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch.compile failed" in err[0] and "cc1plus" in err[0] and "running eager" in err[0]
+    assert set(net.state_dict()) == {"module." + k for k in m.state_dict()}  # no duplicated compiled copy
+
+
+@pytest.mark.skipif(not os.environ.get("DITS_TEST_COMPILE"), reason="torch.compile takes ~30 s; DITS_TEST_COMPILE=1")
+def test_compiled_model_equals_eager():
+    m = tiny()
+    x, t, *y = batch()
+    ref = m(x, t, *y).detach()
+    out = speed.compile_module(m)(x, t, *y).detach()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine")
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 60) == pytest.approx(0.5)
+    assert lr_at(cfg, 110) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(TrainConfig(lr=1.0, steps=110), 100) == 1.0
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--compile", "on"], "no C++ compiler"),
+    (["--precision", "fp16"], "fp16 is not supported"),
+    (["--compile", "maybe"], "compile must be"),
+    (["--lr-schedule", "linear"], "lr-schedule"),
+])
+def test_train_speed_flags_bad_input(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.setattr(speed, "compiler_missing", lambda device: "no C++ compiler on PATH")
+    monkeypatch.setattr(speed, "_cpu_fp16_ok", lambda: False)
+    code, io = run_cli(capsys, "train", *argv, "--steps", "1", "--out", str(tmp_path / "r"), "--no-progress")
+    err = io.err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_bad_grad_checkpoint_value(capsys, tmp_path):
+    code = main(["train", "--grad-checkpoint", "sometimes", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--grad-checkpoint" in err and len(err.strip().splitlines()) <= 2
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(UserError, match="grad-checkpoint"):
+        TrainConfig(grad_checkpoint="sometimes").validate()
+
+
+# ------------------------------------------------------------------ dits bench train / sample
+BENCH = ["--model", "DiT", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "2",
+         "--image-size", "8", "--channels", "1", "--num-classes", "10", "--batch", "4", "--rounds", "1"]
+
+FAKE_MODELS = '''
+from dits.models import create_model
+def DiT(**kw):
+    kw.pop("mlp_ratio")
+    m = create_model("DiT", **kw)
+    for b in m.blocks:
+        b.attn.fused_attn = True
+    return m
+'''
+FAKE_DIFFUSION = '''
+from dits.diffusion import create_diffusion
+'''
+
+
+def fake_official(tmp_path):
+    """A stand-in with the official code's import layout (models.py + diffusion/)."""
+    root = tmp_path / "official"
+    (root / "diffusion").mkdir(parents=True)
+    (root / "models.py").write_text(FAKE_MODELS)
+    (root / "diffusion" / "__init__.py").write_text(FAKE_DIFFUSION)
+    return root
+
+
+def test_bench_train_and_sample_print_the_table(capsys, tmp_path):
+    code, io = run_cli(capsys, "bench", "train", *BENCH, "--steps", "2", "--official", str(fake_official(tmp_path)))
+    assert code == 0, io.err
+    out = io.out
+    for word in ("ms/step", "img/s", "TFLOP/s", "MFU", "peak mem", "official (timm sdpa attn)", "speed-up of dits",
+                 "matmul peak measured in this run"):
+        assert word in out, out
+    import sys
+    assert "models" not in sys.modules  # the official modules are taken off again
+    code, io = run_cli(capsys, "bench", "sample", *BENCH, "--sample-steps", "3")
+    assert code == 0 and "ms/batch" in io.out and "dits generate (ddpm, 3 steps)" in io.out, io.err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--official", "/no/such/DiT"], "facebookresearch/DiT checkout"),
+    (["train", "--batch", "0"], "--batch must be >= 1"),
+    pytest.param(["sample", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+    (["sample", "--sampler", "heun", "--official", "OFFICIAL"], "use --sampler ddpm"),
+])
+def test_bench_bad_input(capsys, tmp_path, argv, needle):
+    argv = [str(fake_official(tmp_path)) if a == "OFFICIAL" else a for a in argv]
+    code, io = run_cli(capsys, "bench", argv[0], *BENCH, *argv[1:])
+    err = io.err.strip().splitlines()[-1]
+    assert code == 2 and needle in err, io.err
