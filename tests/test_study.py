@@ -268,3 +268,15 @@ def test_unmanaged_runs_in_out_are_refused(tmp_path):
     (tmp_path / "runs" / "x").mkdir(parents=True)
     with pytest.raises(UserError, match="no study manifest"):
         runner.prepare_out(tmp_path, "scaling", "quick", [])
+
+
+def test_sampling_compute_plans_the_smallest_and_largest_models(tmp_path, capsys):
+    cells = synthetic_scaling(tmp_path)
+    assert main(["study", "sampling-compute", "--out", str(tmp_path), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    want = [(cells[0].name, k) for k in grid.BUDGETS["quick"]["sampling"]["smallest"]] + \
+           [(cells[-1].name, k) for k in grid.BUDGETS["quick"]["sampling"]["largest"]]
+    assert len(lines) == len(want)
+    for line, (name, k) in zip(lines, want):
+        assert line.startswith("dits sample ") and " && dits evaluate " in line
+        assert f"runs/{name} " in line and f"--steps {k} " in line and "--sampler ddpm" in line

@@ -161,10 +161,11 @@ def _scored(runs: list[Run]) -> list[Run]:
 
 
 def verdict_gflops(runs: list[Run]) -> dict:
-    """Finding 1: FD falls as Gflops grow; rho(Gflops, FD) <= -0.9 and stronger than with params."""
-    rs = _scored(runs)
+    """Finding 1: FD falls as Gflops grow; rho(Gflops, FD) <= -0.9 and stronger than with params.
+    Only finished cells count: the final FD of a half-trained cell is not comparable."""
+    rs = [r for r in _scored(runs) if r.status == "done"]
     if len(rs) < 3:
-        return {"finding": 1, "verdict": "not enough cells", "text": "fewer than 3 evaluated cells"}
+        return {"finding": 1, "verdict": "not enough cells", "text": "fewer than 3 finished cells"}
     fd = [r.last["fd"] for r in rs]
     rho_g = spearman([r.gflops for r in rs], fd)
     rho_p = spearman([float(r.params) for r in rs], fd)
@@ -172,7 +173,7 @@ def verdict_gflops(runs: list[Run]) -> dict:
     return {"finding": 1, "verdict": "reproduced" if ok else "not reproduced", "rho_gflops": rho_g,
             "rho_params": rho_p, "n": len(rs),
             "text": f"Spearman rho(Gflops, final FD) = {rho_g:.2f}, rho(params, final FD) = {rho_p:.2f} "
-                    f"over {len(rs)} cells (paper: strong with Gflops, weak with params; target rho <= -0.9)"}
+                    f"over {len(rs)} finished cells (paper: strong with Gflops, weak with params; target rho <= -0.9)"}
 
 
 def _ordered_pairs(rs: list[Run]):

@@ -16,7 +16,7 @@ from pathlib import Path
 from dits.checkpoint import latest_checkpoint
 from dits.errors import UserError
 from dits.fileio import write_json_atomic
-from dits.study.grid import Cell, build_grid, train_command
+from dits.study.grid import BATCH_SIZE, Cell, build_grid, train_command
 
 MANIFEST = "study.json"
 POLL_S, STATUS_EVERY_S = 1.0, 60.0
@@ -69,12 +69,13 @@ def command_for(out: Path, cell: Cell, python: str | None = None) -> list[str]:
 
 # ------------------------------------------------------------------ cost and progress
 def estimated_seconds(cell: Cell) -> float:
-    """A rough prior for the ETA on a 2-core CPU (measured on the quick grid); corrected on
-    the fly by the ratio of observed to estimated time."""
-    rate = 60.0                                          # Gflop/s reached on small matrices
-    step = 0.04 + cell.gflops * 3 * 64 / rate            # s/step: Python overhead + arithmetic
-    evals = cell.steps // cell.eval_every * (3.0 + cell.eval_samples * 40 * cell.gflops / rate)
-    return 8.0 + cell.steps * step + evals
+    """A prior for the ETA: one core's seconds for the cell, from the rate measured on an
+    idle core (about 28 Gflop/s forward+backward at these sizes, plus ~12 ms of Python per
+    step; `docs/scaling.md`). The runner corrects it by the observed/estimated ratio."""
+    rate = 28.0
+    step = 0.012 + cell.gflops * 3 * BATCH_SIZE / rate
+    evals = cell.steps // cell.eval_every * (2.0 + cell.eval_samples * 40 * cell.gflops / rate)
+    return 5.0 + cell.steps * step + evals
 
 
 def current_step(out: Path, cell: Cell) -> int:
@@ -165,7 +166,7 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
                     marker.unlink(missing_ok=True)
                     results[name] = "done"
                     log(f"[{finished}/{len(cells)}] {cell.label} done in {_fmt_s(took)}: {last_eval_line(out, cell)}"
-                        f"; ETA {_eta(queue, running, est, spent_est, spent_real, jobs)}")
+                        f"; ETA {_eta(queue, running, est, spent_est, spent_real, jobs, out)}")
                 else:
                     why = last_error_line(out / "logs" / f"{name}.log")
                     marker.write_text(f"exit code {proc.returncode}: {why}\n")
@@ -185,12 +186,15 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
 
 
 def _eta(queue, running, est, spent_est, spent_real, jobs, out=None) -> str:
-    """Remaining estimated seconds, scaled by how far off the estimates have been so far."""
-    ratio = spent_real / spent_est if spent_est > 0 else 1.0
-    left = sum(est[c.name] for c in queue)
+    """Remaining estimated seconds, scaled by how far off the estimates have been so far
+    (finished cells, and the running ones by the fraction of steps they logged)."""
+    left, real, done_est = sum(est[c.name] for c in queue), spent_real, spent_est
     for _, cell, started, _ in running.values():
         frac = current_step(out, cell) / cell.steps if out is not None else 0.0
         left += est[cell.name] * (1 - frac)
+        if frac > 0:
+            real, done_est = real + time.time() - started, done_est + est[cell.name] * frac
+    ratio = real / done_est if done_est > 0 else 1.0
     return _fmt_s(left * ratio / jobs)
 
 
