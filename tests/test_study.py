@@ -198,6 +198,7 @@ def test_report_says_when_a_finding_does_not_hold(tmp_path):
     synthetic_scaling(tmp_path, fd_of=lambda c, s: c.gflops * 1e3)
     v = {x["finding"]: x for x in report.write_report(tmp_path, "scaling", "quick")["verdicts"]}
     assert v[1]["verdict"] == "not reproduced" and v[1]["rho_gflops"] == pytest.approx(1)
+    assert v[1]["knobs"] == {"size": [0, 6], "patch": [0, 3]}  # 3 size pairs x 2 patches; 3 sizes x (4 vs 2)
     assert v[2]["verdict"] == "not reproduced" and v[2]["held"] == 0
     assert v[3]["verdict"] == "not reproduced"
 
