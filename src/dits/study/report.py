@@ -301,6 +301,10 @@ def _fig():
 
 
 def _save(plt, fig, path: Path) -> str:
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:  # minor labels on a short log x axis overprint each other
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
