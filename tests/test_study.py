@@ -220,8 +220,10 @@ def test_blocks_and_sampling_verdicts(tmp_path):
     paper = {"adaln-zero": 19, "adaln": 23, "cross-attn": 26, "in-context": 35}
     for c in cells:
         fake_run(tmp_path, c, {c.steps: paper[c.block] / 100})
-    v = report.write_report(tmp_path, "blocks", "quick")["verdicts"][0]
+    rep = report.write_report(tmp_path, "blocks", "quick")
+    v = rep["verdicts"][0]
     assert v["verdict"] == "reproduced" and v["order"] == list(paper)
+    assert sorted(r["model"] for r in rep["rows"]) == sorted(f"B/2 {b}" for b in paper)
     runs = report.read_study(tmp_path, "blocks", "quick")
     recs = [{"cell": runs[0].name, "steps": 250, "fd": 0.9}, {"cell": runs[-1].name, "steps": 25, "fd": 0.5}]
     assert report.verdict_sampling(recs, runs)["verdict"] in ("reproduced", "not reproduced")

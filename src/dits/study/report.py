@@ -118,11 +118,12 @@ def read_study(out: str | Path, kind: str, budget: str) -> list[Run]:
 
 # ------------------------------------------------------------------ the table
 def rows(runs: list[Run]) -> list[dict]:
+    mixed = len({r.block for r in runs}) > 1  # a blocks study: name every design, adaLN-Zero too
     out = []
     for r in runs:
         last = r.last or {}
         step = last.get("step")
-        out.append({"model": r.label, "patch": r.patch, "tokens": r.tokens, "params": r.params or None,
+        out.append({"model": f"{r.size}/{r.patch} {r.block}" if mixed else r.label, "patch": r.patch, "tokens": r.tokens, "params": r.params or None,
                     "gflops": None if math.isnan(r.gflops) else r.gflops, "steps": step,
                     "train_compute": r.compute(step) if step else None, "fd": last.get("fd"),
                     "heldout_ratio": heldout_ratio(last) if last else None, "accuracy": last.get("accuracy"),
