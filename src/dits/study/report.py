@@ -331,7 +331,7 @@ def plot_fd_vs_steps(runs: list[Run], path: Path, title: str) -> str:
 
 def plot_fd_vs_gflops(runs: list[Run], path: Path, v: dict) -> str:
     plt = _fig()
-    rs = _scored(runs)
+    rs = [r for r in _scored(runs) if r.status == "done"]  # the cells rho is computed over
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, name, rho in ((axes[0], "gflops", "Gflops (forward, one image)", v.get("rho_gflops")),
                                (axes[1], "params", "parameters", v.get("rho_params"))):
@@ -343,7 +343,8 @@ def plot_fd_vs_gflops(runs: list[Run], path: Path, v: dict) -> str:
         rho_s = "n/a" if rho is None or math.isnan(rho) else f"{rho:.2f}"
         ax.set(xscale="log", yscale="log", xlabel=name, ylabel="final FD", title=f"FD vs {name}: Spearman ρ = {rho_s}")
         ax.grid(alpha=0.3)
-    fig.suptitle("Fig. 8 style: quality follows Gflops, not parameters", fontsize=10)
+    fig.suptitle("Fig. 8 style: final FD of the finished cells against Gflops and against parameters "
+                 "(paper: FID follows Gflops)", fontsize=10)
     return _save(plt, fig, path)
 
 
@@ -393,8 +394,8 @@ def plot_sample_grids(runs: list[Run], path: Path, by: str) -> str | None:
         for j, ck in enumerate(col_keys):
             ax = axes[i][j]
             ax.axis("off")
-            match = [r for r in rs if (r.size == rk and r.patch == ck) if by == "patch"] if by == "patch" \
-                else [r for r in rs if r.block == ck]
+            match = [r for r in rs if (r.size, r.patch) == (rk, ck)] if by == "patch" else \
+                [r for r in rs if r.block == ck]
             if match:
                 ax.imshow(plt.imread(match[0].samples), cmap="gray")
                 ax.set_title(f"{match[0].label} (step {match[0].samples.stem.split('_')[-1].lstrip('0')})", fontsize=8)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dits.checkpoint import latest_checkpoint
 from dits.errors import UserError
-from dits.fileio import write_json_atomic
+from dits.fileio import write_json_atomic, write_text_atomic
 from dits.study.grid import BATCH_SIZE, Cell, build_grid, train_command
 
 MANIFEST = "study.json"
@@ -169,7 +169,7 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
                         f"; ETA {_eta(queue, running, est, spent_est, spent_real, jobs, out)}")
                 else:
                     why = last_error_line(out / "logs" / f"{name}.log")
-                    marker.write_text(f"exit code {proc.returncode}: {why}\n")
+                    write_text_atomic(marker, f"exit code {proc.returncode}: {why}\n")
                     results[name] = f"failed: {why}"
                     log(f"[{finished}/{len(cells)}] {cell.label} FAILED (exit {proc.returncode}): {why}; "
                         f"the study goes on (log: {out / 'logs' / (name + '.log')})")
