@@ -283,3 +283,22 @@ def test_sampling_compute_plans_the_smallest_and_largest_models(tmp_path, capsys
     for line, (name, k) in zip(lines, want):
         assert line.startswith("dits sample ") and " && dits evaluate " in line
         assert f"runs/{name} " in line and f"--steps {k} " in line and "--sampler ddpm" in line
+
+
+def test_runner_resumes_a_real_partial_cell(tmp_path, monkeypatch):
+    def budget(steps):
+        return {"scaling": {"sizes": ("S",), "patches": (4,), "steps": steps},
+                "blocks": {"size": "S", "patch": 4, "steps": steps},
+                "eval_every": 2, "eval_samples": 0, "sampling": {"smallest": (2,), "largest": (2,)}}
+    monkeypatch.setitem(grid.BUDGETS, "tiny", budget(2))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    out, logs = tmp_path / "s", []
+    assert runner.run_cells("scaling", "tiny", out, log=logs.append) == {"S-p4": "done"}
+    # the same study asked for more steps: the cell is now unfinished and resumes
+    monkeypatch.setitem(grid.BUDGETS, "tiny", budget(4))
+    assert runner.run_cells("scaling", "tiny", out, log=logs.append) == {"S-p4": "done"}
+    assert any("[S-p4] resuming" in ln for ln in logs)
+    d = runner.run_dir(out, "S-p4")
+    assert sorted(p.name for p in (d / "checkpoints").glob("*.pt")) == ["0000002.pt", "0000004.pt"]
+    assert [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert report.read_study(out, "scaling", "tiny")[0].status == "done"
