@@ -23,6 +23,7 @@ COMMANDS = {
     "extract-latents": "extract_latents",
     "convert": "convert",
     "bench": "bench",
+    "study": "study",
 }
 
 

@@ -1,0 +1,304 @@
+"""`dits study`: the grid, resume/skip, the report from stored metrics, commands, bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dits.cli import main
+from dits.errors import UserError
+from dits.study import grid, report, runner
+from dits.study.stats import interp_log, ranks, spearman
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+
+# ------------------------------------------------------------------ the grid
+def test_sizes_keep_the_papers_ratios_and_heads_divide_widths():
+    names = list(grid.PAPER_SIZES)
+    for a in names:
+        for b in names:
+            pa, pb, sa, sb = grid.PAPER_SIZES[a], grid.PAPER_SIZES[b], grid.SIZES[a], grid.SIZES[b]
+            for i in range(3):  # depth, width, heads: every ratio between two sizes is the paper's
+                assert sa[i] * pb[i] == sb[i] * pa[i], (a, b, i)
+    for depth, width, heads in grid.SIZES.values():
+        assert depth >= 1 and width % heads == 0
+
+
+def closed_form_macs(depth, d, p, size=8, c=1, freq=256):
+    """adaLN-Zero DiT forward MACs of one image, counted by hand from SPEC section 2."""
+    t = (size // p) ** 2
+    per_block = (t * d * 3 * d + t * d * d            # qkv, attention projection
+                 + 2 * t * d * 4 * d                  # MLP
+                 + 2 * t * t * d                      # q k^T and attn @ v
+                 + d * 6 * d                          # adaLN modulation (one vector per image)
+                 + 2 * t * d * 4)                     # two LayerNorms (no affine), 4 per element
+    embed = t * p * p * c * d + freq * d + d * d      # patch conv, timestep MLP
+    final = d * 2 * d + t * d * 4 + t * d * p * p * 2 * c
+    return depth * per_block + embed + final
+
+
+@pytest.mark.parametrize("budget", ["quick", "full"])
+def test_cells_tokens_and_gflops(budget):
+    cells = grid.build_grid("scaling", budget)
+    for cell in cells:
+        depth, width, _ = grid.SIZES[cell.size]
+        assert cell.tokens == (8 // cell.patch) ** 2
+        assert cell.gflops * 1e9 == pytest.approx(closed_form_macs(depth, width, cell.patch), rel=1e-9)
+        assert cell.train_compute() == pytest.approx(cell.gflops * 3 * 64 * cell.steps)
+    tokens = sorted({c.tokens for c in cells})
+    assert all(b == 4 * a for a, b in zip(tokens, tokens[1:]))  # 4x apart, as the paper's patches
+    by = {(c.size, c.patch): c.gflops for c in cells}
+    for (size, p), g in by.items():
+        # SPEC: halving the patch at least quadruples Gflops. At this scale the per-image part
+        # (timestep MLP, adaLN modulation) is a visible share, so it holds for the rest.
+        depth, d, _ = grid.SIZES[size]
+        fixed = (256 * d + d * d + depth * 6 * d * d + 2 * d * d) / 1e9
+        if (size, p // 2) in by:
+            assert by[(size, p // 2)] - fixed >= 4 * (g - fixed)
+    if budget == "quick":
+        assert len(cells) >= 6 and math.log2(max(by.values()) / min(by.values())) >= 3
+    else:
+        assert len(cells) == 12
+
+
+def test_blocks_grid_is_the_four_designs_on_one_size():
+    cells = grid.build_grid("blocks", "quick")
+    assert sorted(c.block for c in cells) == sorted(grid.BLOCKS)
+    assert len({(c.size, c.patch, c.steps) for c in cells}) == 1
+
+
+# ------------------------------------------------------------------ statistics
+def test_spearman_and_log_interpolation_closed_forms():
+    assert ranks([1, 2, 2, 3]) == [1, 2.5, 2.5, 4]
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(1 - 6 * 4 / (5 * 24))
+    assert spearman([1, 10, 100], [3, 2, 1]) == pytest.approx(-1)
+    assert math.isnan(spearman([1, 2], [2, 1]))
+    assert interp_log([(1, 0.0), (100, 2.0)], 10) == pytest.approx(1.0)
+    assert interp_log([(1, 0.0), (100, 2.0)], 1000) is None
+
+
+# ------------------------------------------------------------------ synthetic run dirs
+def fake_run(out, cell, fds, planned=None, finished=True, block=None):
+    """A run dir as the trainer leaves it, with made-up metrics: fds = {step: FD}."""
+    d = runner.run_dir(out, cell)
+    (d / "checkpoints").mkdir(parents=True, exist_ok=True)
+    depth, width, heads = grid.SIZES[cell.size]
+    steps = planned or cell.steps
+    cfg = {"model": "DiT", "depth": depth, "hidden_size": width, "num_heads": heads, "patch_size": cell.patch,
+           "block": block or cell.block, "steps": steps, "learn_sigma": True}
+    (d / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    (d / "eval.jsonl").write_text("".join(
+        json.dumps({"step": s, "fd": f, "fd_heldout": 2 * f, "fd_heldout_floor": 0.5, "accuracy": 0.9}) + "\n"
+        for s, f in fds.items()))
+    last = max(fds)
+    (d / "checkpoints" / f"{last:07d}.pt").write_bytes(b"")
+    if finished:
+        (d / "summary.json").write_text("{}")
+    return d
+
+
+def test_cell_state_and_resume_command(tmp_path):
+    cell = grid.build_grid("scaling", "quick")[0]
+    assert runner.cell_state(tmp_path, cell) == "new"
+    assert "--resume" not in runner.command_for(tmp_path, cell)
+    fake_run(tmp_path, cell, {250: 1.0}, finished=False)
+    assert runner.cell_state(tmp_path, cell) == "partial"
+    argv = runner.command_for(tmp_path, cell)
+    assert argv[argv.index("--resume") + 1] == str(runner.run_dir(tmp_path, cell))
+    fake_run(tmp_path, cell, {cell.steps: 0.5})
+    assert runner.cell_state(tmp_path, cell) == "done"
+
+
+FAKE_DITS = '''import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1])
+steps = int(args[args.index("--steps") + 1])
+patch = int(args[args.index("--patch-size") + 1])
+calls = Path(sys.argv[0]).with_name("calls.txt")
+with open(calls, "a") as f:
+    f.write(out.name + (" resume" if "--resume" in args else "") + "\\n")
+if out.name == "B-p4":
+    print("dits train: error: made-up failure", file=sys.stderr)
+    sys.exit(2)
+(out / "checkpoints").mkdir(parents=True, exist_ok=True)
+(out / "config.yaml").write_text(json.dumps({"depth": int(args[args.index("--depth") + 1]),
+    "hidden_size": int(args[args.index("--hidden-size") + 1]), "num_heads": int(args[args.index("--num-heads") + 1]),
+    "patch_size": patch, "block": "adaln-zero", "steps": steps}))
+(out / "eval.jsonl").write_text(json.dumps({"step": steps, "fd": 1.0 / patch, "fd_heldout": 1.0,
+    "fd_heldout_floor": 0.5, "accuracy": 0.5}) + "\\n")
+(out / "checkpoints" / f"{steps:07d}.pt").write_bytes(b"")
+(out / "summary.json").write_text("{}")
+'''
+
+
+def test_runner_skips_done_cells_resumes_partial_ones_and_survives_a_failure(tmp_path):
+    fake = tmp_path / "bin" / "fake_python.py"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_DITS)
+    py = tmp_path / "bin" / "python"
+    # the runner calls `PYTHON -m dits train ...`: a tiny wrapper drops the `-m dits`
+    py.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {fake} \"$@\"\n")
+    py.chmod(0o755)
+    out = tmp_path / "study"
+    cells = {c.name: c for c in grid.build_grid("scaling", "quick")}
+    runner.prepare_out(out, "scaling", "quick", list(cells.values()))
+    fake_run(out, cells["S-p4"], {250: 3.0, 1500: 2.0})                    # finished: skipped
+    fake_run(out, cells["S-p2"], {250: 3.0}, finished=False)               # partial: resumed
+    logs = []
+    res = runner.run_cells("scaling", "quick", out, jobs=2, python=str(py), log=logs.append)
+    calls = (tmp_path / "bin" / "calls.txt").read_text().split("\n")
+    assert "S-p4" not in " ".join(calls) and "S-p2 resume" in calls
+    assert res["B-p4"].startswith("failed") and "made-up failure" in res["B-p4"]
+    assert sum(v == "done" for v in res.values()) == 5
+    assert any("FAILED" in ln and "goes on" in ln for ln in logs) and any("ETA" in ln for ln in logs)
+    rep = report.write_report(out, "scaling", "quick")
+    table = {r["model"]: r for r in rep["rows"]}
+    assert table["B/4"]["status"].startswith("failed") and table["B/4"]["fd"] is None
+    assert table["L/2"]["fd"] == 0.5 and table["L/2"]["heldout_ratio"] == 2.0
+    csv_lines = (out / "study.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(cells) and csv_lines[0].startswith("model,patch,tokens,params,gflops")
+    # rerunning retries only the failed cell
+    (tmp_path / "bin" / "calls.txt").unlink()
+    runner.run_cells("scaling", "quick", out, jobs=1, python=str(py), log=logs.append)
+    assert (tmp_path / "bin" / "calls.txt").read_text().split() == ["B-p4"]
+
+
+def synthetic_scaling(out, budget="quick", fd_of=lambda c, s: 1 / (c.gflops * s * c.params ** 0.5)):
+    cells = grid.build_grid("scaling", budget)
+    runner.prepare_out(out, "scaling", budget, cells)
+    for c in cells:
+        fake_run(out, c, {s: fd_of(c, s) for s in range(c.eval_every, c.steps + 1, c.eval_every)})
+    return cells
+
+
+def test_report_verdicts_from_made_up_metrics(tmp_path):
+    # FD = 1 / (compute * sqrt(params)): findings 1-3 hold by construction
+    synthetic_scaling(tmp_path)
+    rep = report.write_report(tmp_path, "scaling", "quick")
+    v = {x["finding"]: x for x in rep["verdicts"]}
+    # by Gflops, L/4 (5.47 M) comes before B/2 (5.74 M) but has the lower FD: one swapped
+    # pair of six, sum of squared rank differences 2
+    assert v[1]["verdict"] == "reproduced" and v[1]["rho_gflops"] == pytest.approx(-(1 - 6 * 2 / (6 * 35)))
+    assert v[2]["verdict"] == "reproduced" and v[2]["held"] == v[2]["total"] > 0
+    assert v[3]["verdict"] == "reproduced"
+    assert v[4]["verdict"] == "not run"
+    for f in rep["files"]:
+        assert (tmp_path / f).stat().st_size > 0
+    md = (tmp_path / "study.md").read_text()
+    assert "Finding 1: reproduced" in md and "| L/2 | 2 | 16 |" in md
+
+
+def test_report_says_when_a_finding_does_not_hold(tmp_path):
+    # FD grows with Gflops: the opposite of the paper
+    synthetic_scaling(tmp_path, fd_of=lambda c, s: c.gflops * 1e3)
+    v = {x["finding"]: x for x in report.write_report(tmp_path, "scaling", "quick")["verdicts"]}
+    assert v[1]["verdict"] == "not reproduced" and v[1]["rho_gflops"] == pytest.approx(1)
+    assert v[1]["knobs"] == {"size": [0, 6], "patch": [0, 3]}  # 3 size pairs x 2 patches; 3 sizes x (4 vs 2)
+    assert v[2]["verdict"] == "not reproduced" and v[2]["held"] == 0
+    assert v[3]["verdict"] == "not reproduced"
+
+
+def test_equal_compute_comparison_interpolates_in_log_compute():
+    small = report.Run("S-p2", "S", 2, "adaln-zero", 4, gflops=1.0, params=1,
+                       evals=[{"step": s, "fd": f} for s, f in ((1, 8.0), (4, 4.0))])
+    big = report.Run("L-p2", "L", 2, "adaln-zero", 4, gflops=2.0, params=2,
+                     evals=[{"step": s, "fd": f} for s, f in ((1, 6.0), (4, 2.0))])
+    # overlap: compute 2*192..4*192; at 4*192 the small one is at step 4 (FD 4) and the big
+    # one at step 2, halfway in log between steps 1 and 4 -> FD 4.0
+    v = report.verdict_compute([small, big])
+    assert v["total"] == 1 and v["held"] == 0 and "L/2 4.000 vs S/2 4.000" in v["pairs"][0]
+
+
+def test_blocks_and_sampling_verdicts(tmp_path):
+    cells = grid.build_grid("blocks", "quick")
+    runner.prepare_out(tmp_path, "blocks", "quick", cells)
+    paper = {"adaln-zero": 19, "adaln": 23, "cross-attn": 26, "in-context": 35}
+    for c in cells:
+        fake_run(tmp_path, c, {c.steps: paper[c.block] / 100})
+    rep = report.write_report(tmp_path, "blocks", "quick")
+    v = rep["verdicts"][0]
+    assert v["verdict"] == "reproduced" and v["order"] == list(paper)
+    assert sorted(r["model"] for r in rep["rows"]) == sorted(f"B/2 {b}" for b in paper)
+    runs = report.read_study(tmp_path, "blocks", "quick")
+    recs = [{"cell": runs[0].name, "steps": 250, "fd": 0.9}, {"cell": runs[-1].name, "steps": 25, "fd": 0.5}]
+    assert report.verdict_sampling(recs, runs)["verdict"] in ("reproduced", "not reproduced")
+
+
+# ------------------------------------------------------------------ commands and bad input
+def test_printed_command_runs_as_given(tmp_path, monkeypatch, capsys):
+    tiny = {"scaling": {"sizes": ("S",), "patches": (4,), "steps": 4}, "blocks": {"size": "S", "patch": 4, "steps": 4},
+            "eval_every": 4, "eval_samples": 20, "sampling": {"smallest": (2,), "largest": (2,)}}
+    monkeypatch.setitem(grid.BUDGETS, "tiny", tiny)
+    assert main(["study", "scaling", "--budget", "tiny", "--out", str(tmp_path / "s"), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dits train ")
+    bindir = Path(sys.executable).parent
+    if not (bindir / "dits").exists():
+        pytest.skip("no `dits` console script beside this python")
+    env = {**ENV, "PATH": f"{bindir}{os.pathsep}{ENV.get('PATH', '')}"}
+    r = subprocess.run(lines[0], shell=True, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cell = grid.build_grid("scaling", "tiny")[0]
+    assert runner.cell_state(tmp_path / "s", cell) == "done"
+    assert main(["study", "scaling", "--budget", "tiny", "--out", str(tmp_path / "s"), "--report-only"]) == 0
+    assert "| S/4 | 4 | 4 |" in (tmp_path / "s" / "study.md").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["study", "nope"], "unknown study 'nope'"),
+    (["study", "scaling", "--budget", "huge"], "unknown budget 'huge'"),
+    (["study", "scaling", "--jobs", "100000"], "more than this machine's"),
+    (["study", "blocks", "--out", "{other}"], "holds a scaling study"),
+    (["study", "sampling-compute", "--out", "{empty}"], "run `dits study scaling"),
+    (["study", "scaling", "--report-only", "--out", "{empty}"], "no runs under"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
+    other = tmp_path / "other"
+    runner.prepare_out(other, "scaling", "quick", [])
+    argv = [a.format(other=other, empty=tmp_path / "empty") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "other" / "runs").exists()
+
+
+def test_unmanaged_runs_in_out_are_refused(tmp_path):
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    with pytest.raises(UserError, match="no study manifest"):
+        runner.prepare_out(tmp_path, "scaling", "quick", [])
+
+
+def test_sampling_compute_plans_the_smallest_and_largest_models(tmp_path, capsys):
+    cells = synthetic_scaling(tmp_path)
+    assert main(["study", "sampling-compute", "--out", str(tmp_path), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    want = [(cells[0].name, k) for k in grid.BUDGETS["quick"]["sampling"]["smallest"]] + \
+           [(cells[-1].name, k) for k in grid.BUDGETS["quick"]["sampling"]["largest"]]
+    assert len(lines) == len(want)
+    for line, (name, k) in zip(lines, want):
+        assert line.startswith("dits sample ") and " && dits evaluate " in line
+        assert f"runs/{name} " in line and f"--steps {k} " in line and "--sampler ddpm" in line
+
+
+def test_runner_resumes_a_real_partial_cell(tmp_path, monkeypatch):
+    def budget(steps):
+        return {"scaling": {"sizes": ("S",), "patches": (4,), "steps": steps},
+                "blocks": {"size": "S", "patch": 4, "steps": steps},
+                "eval_every": 2, "eval_samples": 0, "sampling": {"smallest": (2,), "largest": (2,)}}
+    monkeypatch.setitem(grid.BUDGETS, "tiny", budget(2))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    out, logs = tmp_path / "s", []
+    assert runner.run_cells("scaling", "tiny", out, log=logs.append) == {"S-p4": "done"}
+    # the same study asked for more steps: the cell is now unfinished and resumes
+    monkeypatch.setitem(grid.BUDGETS, "tiny", budget(4))
+    assert runner.run_cells("scaling", "tiny", out, log=logs.append) == {"S-p4": "done"}
+    assert any("[S-p4] resuming" in ln for ln in logs)
+    d = runner.run_dir(out, "S-p4")
+    assert sorted(p.name for p in (d / "checkpoints").glob("*.pt")) == ["0000002.pt", "0000004.pt"]
+    assert [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert report.read_study(out, "scaling", "tiny")[0].status == "done"
