@@ -278,3 +278,38 @@ def test_bench_bad_input(capsys, tmp_path, argv, needle):
     code, io = run_cli(capsys, "bench", argv[0], *BENCH, *argv[1:])
     err = io.err.strip().splitlines()[-1]
     assert code == 2 and needle in err, io.err
+
+
+# ------------------------------------------------------------------ linear layers
+def test_linear_fast_path_is_the_reference_math():
+    """dits.speed.linear (oneDNN's fused kernel for CPU fp32 inference, where this torch has it)
+    against F.linear and tanh-GELU written out from their definitions in float64."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 5, 64, generator=g), torch.randn(96, 64, generator=g) * 0.1, torch.randn(96, generator=g)
+    ref = (x.double() @ w.double().t() + b.double())
+    c = (2 / torch.pi) ** 0.5
+    ref_gelu = 0.5 * ref * (1 + torch.tanh(c * (ref + 0.044715 * ref ** 3)))
+    with torch.no_grad():
+        assert torch.allclose(speed.linear(x, w, b).double(), ref, atol=1e-4)
+        assert torch.allclose(speed.linear(x, w, b, gelu=True).double(), ref_gelu, atol=1e-4)
+    # with autograd the plain path runs, and gradients flow
+    xg = x.clone().requires_grad_(True)
+    speed.linear(xg, w, b, gelu=True).sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_model_inference_equals_the_training_path():
+    """The same weights give the same output whether the fast inference kernels run (no_grad)
+    or the autograd path (F.linear) does."""
+    from dits.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("DiT", depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=1,
+                     num_classes=10).eval()
+    for p in m.parameters():  # leave the zero init, so every layer matters
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 100, 999]), torch.tensor([0, 3, 7, 10])
+    with torch.no_grad():
+        fast = m(x, t, y)
+    slow = m(x.requires_grad_(True), t, y)
+    assert torch.allclose(fast, slow.detach(), atol=1e-4, rtol=1e-4)

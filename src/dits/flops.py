@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dits.models import DiT, create_model
-from dits.models.blocks import Attention, CrossAttention
+from dits.models.blocks import Attention, CrossAttention, Linear
 
 __all__ = ["count_flops", "count_gflops", "count_params", "flops_table"]
 
@@ -61,7 +61,7 @@ def count_flops(model: DiT, input_size: int | None = None) -> int:
 
     handles = []
     for m in model.modules():
-        hook = {nn.Linear: on_linear, nn.Conv2d: on_conv, nn.LayerNorm: on_norm,
+        hook = {nn.Linear: on_linear, Linear: on_linear, nn.Conv2d: on_conv, nn.LayerNorm: on_norm,
                 Attention: on_attention, CrossAttention: on_attention}.get(type(m))
         if hook is not None:
             handles.append(m.register_forward_hook(hook))

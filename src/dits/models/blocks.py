@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dits.speed import attention
+from dits.speed import attention, linear
 
 BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attn", "in-context")
 
@@ -18,6 +18,15 @@ BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attn", "in-context")
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Adaptive LayerNorm parameters applied per sample: x * (1 + scale) + shift."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) computed by :func:`dits.speed.linear`:
+    F.linear, or oneDNN's fused kernel for CPU inference. ``gelu=True`` returns the tanh-GELU of
+    the output, fused into the matmul where the kernel allows."""
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, gelu)
 
 
 class Attention(nn.Module):
@@ -28,8 +37,8 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=True)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -45,9 +54,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=True)
-        self.kv = nn.Linear(dim, dim * 2, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim, bias=True)
+        self.kv = Linear(dim, dim * 2, bias=True)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -64,12 +73,12 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        # fc2(GELU_tanh(fc1(x))), with the GELU inside fc1's kernel where it can be fused
+        return self.fc2(self.fc1(x, gelu=True))
 
 
 def _norm(dim: int, affine: bool) -> nn.LayerNorm:
@@ -93,7 +102,7 @@ class AdaLNZeroBlock(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = _norm(dim, affine=False)
         self.mlp = Mlp(dim, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.modulations * dim, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, self.modulations * dim, bias=True))
 
     def forward(self, x, c, cond_tokens=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -167,8 +176,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = _norm(dim, affine=False)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True))
+        self.linear = Linear(dim, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim, bias=True))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
