@@ -302,3 +302,18 @@ def test_runner_resumes_a_real_partial_cell(tmp_path, monkeypatch):
     assert sorted(p.name for p in (d / "checkpoints").glob("*.pt")) == ["0000002.pt", "0000004.pt"]
     assert [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()] == [2, 4]
     assert report.read_study(out, "scaling", "tiny")[0].status == "done"
+
+
+def test_a_cell_stopped_before_its_first_checkpoint_starts_over(tmp_path):
+    """Interrupted before any checkpoint: the run dir holds a config and a log but nothing to
+    resume, so the cell's command restarts it with --overwrite (dits train refuses otherwise)."""
+    from dits.study.grid import build_grid
+    from dits.study.runner import command_for, run_dir
+
+    cell = build_grid("scaling", "quick")[0]
+    assert "--overwrite" not in command_for(tmp_path, cell) and "--resume" not in command_for(tmp_path, cell)
+    d = run_dir(tmp_path, cell)
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text("steps: 1500\n")
+    argv = command_for(tmp_path, cell)
+    assert "--overwrite" in argv and "--resume" not in argv

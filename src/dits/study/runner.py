@@ -62,8 +62,13 @@ def cell_state(out: Path, cell: Cell) -> str:
 
 def command_for(out: Path, cell: Cell, python: str | None = None) -> list[str]:
     argv = train_command(cell, str(run_dir(out, cell)), python)
-    if cell_state(out, cell) == "partial":
+    state = cell_state(out, cell)
+    if state == "partial":
         argv += ["--resume", str(run_dir(out, cell))]
+    elif state == "new" and run_dir(out, cell).is_dir() and any(run_dir(out, cell).iterdir()):
+        # a cell stopped before its first checkpoint: nothing to resume, and dits train refuses
+        # to start over a run dir without --overwrite (which removes only a run's own files)
+        argv += ["--overwrite"]
     return argv
 
 
