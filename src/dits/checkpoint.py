@@ -90,9 +90,14 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"{step:07d}.pt"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's numbered checkpoints ``checkpoints/NNNNNNN.pt``, oldest first."""
     d = Path(run_dir) / CKPT_DIR
-    files = sorted(p for p in d.glob("*.pt") if p.stem.isdigit()) if d.is_dir() else []
+    return sorted(p for p in d.glob("*.pt") if p.stem.isdigit()) if d.is_dir() else []
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    files = run_checkpoints(run_dir)
     return files[-1] if files else None
 
 
@@ -101,9 +106,7 @@ def newest_readable_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
 
     A newer file that does not load (a torn write from a crash, a full disk) is renamed to
     ``NNNNNNN.pt.bad`` (kept for inspection, no longer picked up) with a one-line warning."""
-    d = Path(run_dir) / CKPT_DIR
-    files = sorted(p for p in d.glob("*.pt") if p.stem.isdigit()) if d.is_dir() else []
-    for path in reversed(files):
+    for path in reversed(run_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
         except UserError as e:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dits.checkpoint import CKPT_DIR
+from dits.checkpoint import run_checkpoints
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> list[Path]:
@@ -15,8 +15,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) 
     older goes."""
     if keep_last <= 0:
         return []
-    d = Path(run_dir) / CKPT_DIR
-    files = sorted(p for p in d.glob("*.pt") if p.stem.isdigit())
+    files = run_checkpoints(run_dir)
     keep = set(files[-keep_last:])
     if keep_every > 0:
         keep |= {p for p in files if int(p.stem) % keep_every == 0}
