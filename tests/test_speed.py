@@ -143,7 +143,12 @@ def test_compile_choices(monkeypatch):
     assert speed.should_compile("off", cpu, 10**6) == (False, None)
     monkeypatch.setattr(speed, "compiler_missing", lambda device: None)
     assert speed.should_compile("auto", cpu, 2400) == (False, None)    # the demo: compile would not pay back
+    monkeypatch.setattr(speed, "_onednn_linear_ok", lambda: False)
     assert speed.should_compile("auto", cpu, 10**6) == (True, None)
+    assert speed.should_compile("auto", cpu, 10**6, "bf16") == (True, None)
+    monkeypatch.setattr(speed, "_onednn_linear_ok", lambda: True)   # eager oneDNN GEMMs beat compiled fp32
+    assert speed.should_compile("auto", cpu, 10**6) == (False, None)
+    assert speed.should_compile("auto", cpu, 10**6, "bf16") == (True, None)
     assert speed.should_compile("auto", cuda, 10**6) == (True, None)
     assert speed.should_compile("auto", cuda, 10)[0] is False          # too short to pay back
     assert speed.should_compile("on", cpu, 10) == (True, None)
@@ -292,10 +297,35 @@ def test_linear_fast_path_is_the_reference_math():
     with torch.no_grad():
         assert torch.allclose(speed.linear(x, w, b).double(), ref, atol=1e-4)
         assert torch.allclose(speed.linear(x, w, b, gelu=True).double(), ref_gelu, atol=1e-4)
-    # with autograd the plain path runs, and gradients flow
-    xg = x.clone().requires_grad_(True)
-    speed.linear(xg, w, b, gelu=True).sum().backward()
-    assert xg.grad is not None and xg.grad.shape == x.shape
+
+def _grads_of(fn, *tensors, dtype):
+    """Gradients of sum(fn(...) * probe) with respect to every input, computed in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    (out * probe.to(dtype)).sum().backward()
+    return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_training_path_gradients(gelu):
+    """With autograd, dits.speed.linear runs all three GEMMs (forward, input gradient, weight
+    gradient) on oneDNN where available: output and gradients against the same function
+    differentiated by autograd in float64 (F.linear + tanh-GELU)."""
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(2, 37, 96, generator=g), torch.randn(160, 96, generator=g) * 0.1, torch.randn(160, generator=g)
+    def ref(x, w, b):
+        y = F.linear(x, w, b)
+        return F.gelu(y, approximate="tanh") if gelu else y
+    fast = _grads_of(lambda x, w, b: speed.linear(x, w, b, gelu=gelu), x, w, b, dtype=torch.float32)
+    exact = _grads_of(ref, x, w, b, dtype=torch.float64)
+    for name, a, e in zip(("output", "d/dx", "d/dW", "d/db"), fast, exact):
+        assert a.shape == e.shape, name
+        torch.testing.assert_close(a, e, atol=2e-4, rtol=1e-4, msg=name)
+    # the parameter gradient lands in .grad with the parameter's own layout (what fused AdamW reads)
+    wp = w.clone().requires_grad_(True)
+    speed.linear(x, wp, None).sum().backward()
+    assert wp.grad.shape == wp.shape and wp.grad.is_contiguous()
 
 
 def test_model_inference_equals_the_training_path():

@@ -52,6 +52,7 @@ class Setup:
     sample_steps: int = 250
     cfg_scale: float = 4.0
     seed: int = 0
+    run_steps: int = 400_000  # the length of the run being mimicked: decides what --compile auto does
 
     def build(self):
         sizes = {} if self.model != "DiT" else dict(depth=self.depth, hidden_size=self.hidden_size,
@@ -167,7 +168,7 @@ def dits_train_step(s: Setup) -> Callable[[], None]:
     model = s.build()
     model.grad_checkpoint = s.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    do_compile, why_not = should_compile(s.compile, device, steps=10**9)
+    do_compile, why_not = should_compile(s.compile, device, s.run_steps, s.precision)
     if why_not:
         print(f"dits bench: {why_not}", file=sys.stderr)
     net = compile_module(model) if do_compile else model

@@ -89,24 +89,55 @@ def _onednn_linear_ok() -> bool:
         return False
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none") -> torch.Tensor:
+    """x @ weightᵀ (+ bias) (then tanh-GELU if post == "gelu") for a 2-D ``x``, on oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "tanh" if post == "gelu" else "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear on 2-D inputs with all three GEMMs (forward, input gradient, weight gradient)
+    on oneDNN. The transposes are views: oneDNN reads strided operands, so no copies are made."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = _onednn(grad, weight.t(), None) if need_x else None        # grad @ W
+        gw = _onednn(x.t(), grad.t(), None).t() if need_w else None      # (xᵀ grad)ᵀ = gradᵀ x
+        gb = grad.sum(0) if need_b and ctx.has_bias else None
+        return gx, gw, gb
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and _onednn_linear_ok())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """``F.linear`` (followed by tanh-GELU if ``gelu``), the reference math.
 
-    Inference in fp32 on the CPU runs on oneDNN's linear kernel instead, with the bias and the
-    GELU fused into the matmul: on this project's CPU ~2x faster than the MKL path F.linear
-    takes at DiT's shapes (2048x128 @ 128x512 with GELU: 0.68 vs 1.78 ms; docs/performance.md)
-    and the same function up to float rounding. Training keeps F.linear: a oneDNN forward with
-    autograd was measured and bought nothing (the step is backward-bound), and F.linear keeps
-    the trainer's numbers where they were. Autocast, other devices and dtypes, and
-    torch.compile (which fuses on its own) keep F.linear too.
+    In fp32 on the CPU the matmuls run on oneDNN's linear kernel instead of the MKL path
+    F.linear takes: on this project's CPU (AMD EPYC, AVX-512) ~2x faster at DiT's shapes, in
+    training (forward, input and weight gradients) as in inference (docs/performance.md), and
+    the same function up to float rounding. For inference the bias and the GELU are fused into
+    the kernel; with autograd the GELU stays a separate op (its backward needs the
+    pre-activation). Autocast, other devices and dtypes, and torch.compile (which picks its
+    own kernels) keep F.linear.
     """
-    fast = (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and _onednn_linear_ok())
-    if fast:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias,
-                                               "gelu" if gelu else "none", [], "tanh" if gelu else "")
+    if _onednn_applies(x, weight):
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            y = _OneDNNLinear.apply(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+            return F.gelu(y, approximate="tanh") if gelu else y
+        y = _onednn(x2.contiguous(), weight, bias, "gelu" if gelu else "none")
         return y.reshape(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, weight, bias)
     return F.gelu(y, approximate="tanh") if gelu else y
@@ -170,15 +201,17 @@ def compiler_missing(device: torch.device) -> str | None:
     return None
 
 
-# Compile pays back its one-off cost only over long runs. Measured on the digits model (2 CPU
-# cores): ~37 s to compile, then the fp32 step 1.14x the official code against 1.02x eager,
-# i.e. ~12 % or ~8 ms a step saved: it pays back after ~4,600 steps (docs/performance.md).
-# On CUDA the gain is larger (fused LayerNorm/modulate/GELU epilogues) and a few minutes of
-# compile are repaid within the first thousand steps of any real run.
+# Compile pays back its one-off cost only over long runs. On CUDA the gain is large (fused
+# LayerNorm/modulate/GELU epilogues) and a few minutes of compile are repaid within the first
+# thousand steps of any real run. On the CPU, before the oneDNN linear path, the digits fp32
+# step went from 1.02x to 1.14x the official code for ~37 s of compile (pays back after ~4,600
+# steps); with oneDNN's GEMMs in eager mode (1.3x-1.6x faster steps) a compiled graph, whose
+# matmuls go back to MKL, is *slower* than eager, so CPU fp32 does not compile on "auto" where
+# the oneDNN path exists (docs/performance.md).
 AUTO_COMPILE_MIN_STEPS = {"cuda": 2_000, "cpu": 10_000}
 
 
-def should_compile(mode: str, device: torch.device, steps: int) -> tuple[bool, str | None]:
+def should_compile(mode: str, device: torch.device, steps: int, precision: str = "fp32") -> tuple[bool, str | None]:
     """(compile?, a one-line reason when "on"/"auto" ends up not compiling).
 
     "on" where no compiler exists is a user error; "auto" silently skips what would not pay.
@@ -194,6 +227,8 @@ def should_compile(mode: str, device: torch.device, steps: int) -> tuple[bool, s
         return True, None
     if steps < AUTO_COMPILE_MIN_STEPS.get(device.type, sys.maxsize):
         return False, None
+    if device.type == "cpu" and precision == "fp32" and _onednn_linear_ok():
+        return False, None  # eager oneDNN GEMMs beat the compiled graph (see above)
     if missing:
         return False, f"not compiling: {missing}"
     return True, None

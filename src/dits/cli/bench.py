@@ -86,6 +86,9 @@ def _setup(args):
     from dits.errors import UserError
 
     v = dict(PRESET_SHAPES.get(args.preset, {}))
+    if args.preset:  # --compile auto decides as `dits train` would for the preset's run length
+        from dits.config import resolve_config
+        v["run_steps"] = resolve_config(args.preset).steps
     given = {"model": None if args.model == "DiT-S/2" and args.preset else args.model, "depth": args.depth,
              "hidden_size": args.hidden_size, "num_heads": args.num_heads, "patch_size": args.patch_size,
              "input_size": args.image_size, "in_channels": args.channels, "num_classes": args.num_classes,

@@ -257,7 +257,7 @@ def _speed_up(cfg: TrainConfig, model: DiT, net: torch.nn.Module, ctx, start: in
     check_precision(cfg.precision, ctx.device)
     setup_device(ctx.device)
     model.grad_checkpoint = cfg.grad_checkpoint
-    compile_it, why_not = should_compile(cfg.compile, ctx.device, cfg.steps - start)
+    compile_it, why_not = should_compile(cfg.compile, ctx.device, cfg.steps - start, cfg.precision)
     if why_not and ctx.main:
         print(f"dits train: {why_not}", flush=True)
     return compile_module(net) if compile_it else net
