@@ -307,6 +307,22 @@ def _grads_of(fn, *tensors, dtype):
     return [out.detach().double()] + [t.grad.double() for t in leaves]
 
 
+@pytest.mark.parametrize("compiling", [False, True])
+def test_gelu_tanh_forms_are_the_reference_function(monkeypatch, compiling):
+    """gelu_tanh (aten's kernel in eager mode; x*sigmoid(2u) inside torch.compile) against
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) and its derivative written out in float64."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64)
+    c = math.sqrt(2 / math.pi)
+    u = c * (x + 0.044715 * x ** 3)
+    ref = 0.5 * x * (1 + torch.tanh(u))
+    dref = 0.5 * (1 + torch.tanh(u)) + 0.5 * x * (1 - torch.tanh(u) ** 2) * c * (1 + 3 * 0.044715 * x ** 2)
+    out, dx = _grads_of(speed.gelu_tanh, x, dtype=torch.float32)
+    probe = torch.linspace(-1, 1, x.numel(), dtype=torch.float64)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(dx, dref * probe, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_linear_training_path_gradients(gelu):
     """With autograd, dits.speed.linear runs all three GEMMs (forward, input gradient, weight

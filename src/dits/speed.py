@@ -9,6 +9,7 @@ behind them are in docs/performance.md.
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import sys
 
@@ -136,11 +137,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             y = _OneDNNLinear.apply(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
-            return F.gelu(y, approximate="tanh") if gelu else y
+            return gelu_tanh(y) if gelu else y
         y = _onednn(x2.contiguous(), weight, bias, "gelu" if gelu else "none")
         return y.reshape(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, weight, bias)
-    return F.gelu(y, approximate="tanh") if gelu else y
+    return gelu_tanh(y) if gelu else y
+
+
+_GELU_K = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation: 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))).
+
+    Inside torch.compile it is written as x σ(2√(2/π) (x + 0.044715 x³)), the same function
+    (0.5 (1 + tanh u) = σ(2u)): the compiler fuses either form into one loop, and exp (in σ) is
+    ~2.5x cheaper than tanh on the CPU, which made GELU's forward and backward ~10 % of the
+    compiled bf16 DiT-S/2 step (docs/performance.md). Eager mode keeps aten's single GELU kernel.
+    """
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(_GELU_K * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
 
 
 # ----------------------------------------------------------------------------- optimiser

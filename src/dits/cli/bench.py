@@ -86,9 +86,10 @@ def _setup(args):
     from dits.errors import UserError
 
     v = dict(PRESET_SHAPES.get(args.preset, {}))
-    if args.preset:  # --compile auto decides as `dits train` would for the preset's run length
+    if args.preset:  # the step and --compile auto as `dits train` runs them for the preset
         from dits.config import resolve_config
-        v["run_steps"] = resolve_config(args.preset).steps
+        cfg = resolve_config(args.preset)
+        v.update(run_steps=cfg.steps, grad_clip=cfg.grad_clip)
     given = {"model": None if args.model == "DiT-S/2" and args.preset else args.model, "depth": args.depth,
              "hidden_size": args.hidden_size, "num_heads": args.num_heads, "patch_size": args.patch_size,
              "input_size": args.image_size, "in_channels": args.channels, "num_classes": args.num_classes,

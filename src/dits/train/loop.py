@@ -61,6 +61,17 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
 
 
+def clip_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The gradients' total L2 norm (logged every step), clipping them to ``max_norm`` if > 0.
+    Without clipping only the norm is computed: clip_grad_norm_(inf) would also multiply every
+    gradient by 1.0, a pass over all of them for nothing."""
+    if max_norm > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
+
+
 def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> DiT:
     extra = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
     return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
@@ -188,9 +199,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
+                gnorm = clip_grads(model, cfg.grad_clip)
                 # one host sync per step: whether to step must be known here, on every process alike
                 bad, stop = agree(ctx, guard.bad(loss, gnorm), preempt.requested())
                 if bad and cfg.on_nonfinite == "stop":
