@@ -247,6 +247,11 @@ def test_printed_command_runs_as_given(tmp_path, monkeypatch, capsys):
     assert runner.cell_state(tmp_path / "s", cell) == "done"
     assert main(["study", "scaling", "--budget", "tiny", "--out", str(tmp_path / "s"), "--report-only"]) == 0
     assert "| S/4 | 4 | 4 |" in (tmp_path / "s" / "study.md").read_text()
+    # the run used the study's pinned recipe, whatever the digits preset says today
+    import yaml
+    cfg = yaml.safe_load((runner.run_dir(tmp_path / "s", cell) / "config.yaml").read_text())
+    assert (cfg["lr"], cfg["warmup_steps"], cfg["grad_clip"], cfg["ema_decay"], cfg["batch_size"]) == (
+        2e-3, 100, 1.0, 0.999, 64)
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -6,8 +6,10 @@ heads unchanged -- so the S : B : L : XL ratios of depth, width and heads are th
 exactly (head width 8, 8, 8, 9 instead of 64, 64, 64, 72). On 8x8 digits, patches 4 / 2 / 1
 give 4 / 16 / 64 tokens: 4x apart, as the paper's patches 8 / 4 / 2 on 32x32 latents.
 
-Every cell trains with the same recipe (the `digits` preset; no per-model tuning, the
-paper's way); only the architecture and, per budget, the length of training change.
+Every cell trains with the same recipe (the `digits` preset's data and sampler, with the
+optimisation settings below pinned, so that a later change to the demo preset cannot change a
+study half-way; no per-model tuning, the paper's way); only the architecture and, per budget,
+the length of training change.
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES = 8, 1, 10
 BLOCKS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 KINDS = ("scaling", "blocks", "sampling-compute")
 BATCH_SIZE = 64                  # the digits preset's batch; training compute uses it
+# The optimisation recipe of every cell, passed explicitly (the digits preset's values when
+# the study was written): AdamW lr 2e-3, 100 warm-up steps then constant, grad clip 1, EMA
+# 0.999 with warm-up.
+RECIPE = {"--batch-size": BATCH_SIZE, "--lr": 2e-3, "--warmup-steps": 100, "--lr-schedule": "constant",
+          "--grad-clip": 1.0, "--ema-decay": 0.999, "--ema-warmup": "true"}
 
 # What each budget trains. quick: a reduced grid for one sitting on a 2-core CPU;
 # full: the whole grid. `eval_every` is also the checkpoint interval, so a resumed
@@ -83,6 +90,7 @@ class Cell(Named):
                 "--hidden-size", str(width), "--num-heads", str(heads), "--patch-size", str(self.patch),
                 "--block", self.block, "--steps", str(self.steps), "--ckpt-every", str(self.eval_every),
                 "--sample-every", str(self.eval_every), "--eval-samples", str(self.eval_samples),
+                *[str(a) for kv in RECIPE.items() for a in kv],
                 "--seed", str(self.seed), "--out", run_dir, "--no-progress"]
 
 
