@@ -322,3 +322,16 @@ def test_a_cell_stopped_before_its_first_checkpoint_starts_over(tmp_path):
     (d / "config.yaml").write_text("steps: 1500\n")
     argv = command_for(tmp_path, cell)
     assert "--overwrite" in argv and "--resume" not in argv
+
+
+def test_a_failure_reports_this_attempts_error_not_an_older_one(tmp_path):
+    """A cell's log collects every attempt; the reason given for a failure is from the attempt
+    that just failed (an earlier sitting's error line must not be reported again)."""
+    log = tmp_path / "cell.log"
+    log.write_text("dits train: error: --out holds a run (an earlier attempt)\n")
+    start = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("step 100 ...\ndits train: stopped by SIGINT after step 2126; checkpoint written\n")
+    assert "SIGINT" in runner.last_error_line(log, start)
+    assert "earlier attempt" in runner.last_error_line(log)   # from the start: the old error
+    assert runner.last_error_line(tmp_path / "missing.log") == "no log"

@@ -107,9 +107,14 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def last_error_line(log: Path) -> str:
+def last_error_line(log: Path, since: int = 0) -> str:
+    """The last line mentioning an error (else the last line) written at or after byte
+    ``since``: a cell's log collects every attempt, and only this attempt's error counts."""
     try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        with open(log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     except OSError:
         return "no log"
     errs = [ln for ln in lines if "error" in ln.lower()]
@@ -154,14 +159,15 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
                 cell = queue.pop(0)
                 state = cell_state(out, cell)
                 logf = open(out / "logs" / f"{cell.name}.log", "a")
+                logf.seek(0, os.SEEK_END)
                 proc = subprocess.Popen(command_for(out, cell, python), stdout=logf, stderr=subprocess.STDOUT,
                                         env=env)
-                running[cell.name] = (proc, cell, time.time(), logf)
+                running[cell.name] = (proc, cell, time.time(), logf, logf.tell())
                 log(f"[{cell.name}] {'resuming' if state == 'partial' else 'started'}: {cell.label}, "
                     f"{cell.tokens} tokens, {cell.gflops * 1e3:.3g} Mflops, {cell.steps} steps")
             time.sleep(POLL_S)
             for name in [n for n, (p, *_rest) in running.items() if p.poll() is not None]:
-                proc, cell, started, logf = running.pop(name)
+                proc, cell, started, logf, log_start = running.pop(name)
                 logf.close()
                 took = time.time() - started
                 spent_est, spent_real = spent_est + est[name], spent_real + took
@@ -173,14 +179,14 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
                     log(f"[{finished}/{len(cells)}] {cell.label} done in {_fmt_s(took)}: {last_eval_line(out, cell)}"
                         f"; ETA {_eta(queue, running, est, spent_est, spent_real, jobs, out)}")
                 else:
-                    why = last_error_line(out / "logs" / f"{name}.log")
+                    why = last_error_line(out / "logs" / f"{name}.log", log_start)
                     write_text_atomic(marker, f"exit code {proc.returncode}: {why}\n")
                     results[name] = f"failed: {why}"
                     log(f"[{finished}/{len(cells)}] {cell.label} FAILED (exit {proc.returncode}): {why}; "
                         f"the study goes on (log: {out / 'logs' / (name + '.log')})")
             if running and time.time() - last_status >= STATUS_EVERY_S:
                 last_status = time.time()
-                now = ", ".join(f"{c.label} {current_step(out, c)}/{c.steps}" for _, c, _, _ in running.values())
+                now = ", ".join(f"{c.label} {current_step(out, c)}/{c.steps}" for _, c, *_ in running.values())
                 log(f"  {_fmt_s(time.time() - t0)} elapsed; running {now}; "
                     f"ETA {_eta(queue, running, est, spent_est, spent_real, jobs, out)}")
     except KeyboardInterrupt:
@@ -194,7 +200,7 @@ def _eta(queue, running, est, spent_est, spent_real, jobs, out=None) -> str:
     """Remaining estimated seconds, scaled by how far off the estimates have been so far
     (finished cells, and the running ones by the fraction of steps they logged)."""
     left, real, done_est = sum(est[c.name] for c in queue), spent_real, spent_est
-    for _, cell, started, _ in running.values():
+    for _, cell, started, *_ in running.values():
         frac = current_step(out, cell) / cell.steps if out is not None else 0.0
         left += est[cell.name] * (1 - frac)
         if frac > 0:
