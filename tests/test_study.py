@@ -335,3 +335,14 @@ def test_a_failure_reports_this_attempts_error_not_an_older_one(tmp_path):
     assert "SIGINT" in runner.last_error_line(log, start)
     assert "earlier attempt" in runner.last_error_line(log)   # from the start: the old error
     assert runner.last_error_line(tmp_path / "missing.log") == "no log"
+
+
+def test_a_closed_pipe_is_not_an_error(monkeypatch):
+    """`dits study ... --print-commands | head -1`: the reader leaving early is exit 0, no message."""
+    import dits.cli.study as cli_study
+
+    def gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli_study, "run", gone)
+    code = main(["study", "scaling", "--budget", "quick", "--print-commands"])
+    assert code == 0

@@ -77,6 +77,14 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("dits: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`dits study ... --print-commands | head`): not an error of ours;
+        # point stdout at devnull so the interpreter's final flush does not complain either
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (e.g. captured)
+            pass
+        return 0
     except (ValueError, OSError, KeyError) as e:
         # Bad input: one line, exit code 2. DITS_DEBUG=1 shows the traceback.
         if os.environ.get("DITS_DEBUG"):
