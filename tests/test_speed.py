@@ -140,23 +140,27 @@ def test_grad_checkpoint_gives_the_same_gradients():
 # ------------------------------------------------------------------ compile and precision choices
 def test_compile_choices(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert speed.should_compile("off", cpu, 10**6) == (False, None)
+    assert speed.should_compile("off", cpu, 10**6) == (None, None)
     monkeypatch.setattr(speed, "compiler_missing", lambda device: None)
-    assert speed.should_compile("auto", cpu, 2400) == (False, None)    # the demo: compile would not pay back
     monkeypatch.setattr(speed, "_onednn_linear_ok", lambda: False)
-    assert speed.should_compile("auto", cpu, 10**6) == (True, None)
-    assert speed.should_compile("auto", cpu, 10**6, "bf16") == (True, None)
+    assert speed.should_compile("auto", cpu, 1000) == (None, None)     # too short to repay even the blocks
+    assert speed.should_compile("auto", cpu, 4000) == ("blocks", None)  # the digits preset's length
+    assert speed.should_compile("auto", cpu, 10**6) == ("model", None)
+    assert speed.should_compile("auto", cpu, 10**6, "bf16") == ("model", None)
     monkeypatch.setattr(speed, "_onednn_linear_ok", lambda: True)   # eager oneDNN GEMMs beat compiled fp32
-    assert speed.should_compile("auto", cpu, 10**6) == (False, None)
-    assert speed.should_compile("auto", cpu, 10**6, "bf16") == (True, None)
-    assert speed.should_compile("auto", cuda, 10**6) == (True, None)
-    assert speed.should_compile("auto", cuda, 10)[0] is False          # too short to pay back
-    assert speed.should_compile("on", cpu, 10) == (True, None)
+    assert speed.should_compile("auto", cpu, 4000) == (None, None)
+    assert speed.should_compile("auto", cpu, 10**6) == (None, None)
+    assert speed.should_compile("auto", cpu, 4000, "bf16") == ("blocks", None)
+    assert speed.should_compile("auto", cpu, 10**6, "bf16") == ("model", None)
+    assert speed.should_compile("auto", cuda, 10**6) == ("model", None)
+    assert speed.should_compile("auto", cuda, 10) == (None, None)       # too short to pay back
+    assert speed.should_compile("on", cpu, 10) == ("model", None)
     monkeypatch.setattr(speed, "compiler_missing", lambda device: "no C++ compiler")
     with pytest.raises(UserError, match="no C\\+\\+ compiler"):
         speed.should_compile("on", cpu, 10)
-    compile_it, why = speed.should_compile("auto", cuda, 10**6)
-    assert not compile_it and "no C++ compiler" in why
+    plan, why = speed.should_compile("auto", cuda, 10**6)
+    assert plan is None and "no C++ compiler" in why
+    assert speed.should_compile("auto", cpu, 4000, "bf16")[0] is None
     with pytest.raises(UserError):
         speed.should_compile("sometimes", cpu, 10)
 
@@ -184,6 +188,30 @@ def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     assert set(net.state_dict()) == {"module." + k for k in m.state_dict()}  # no duplicated compiled copy
 
 
+def test_block_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
+    """The per-block plan: each block's nn.Module.compile; a failing compiler at the first call
+    gives one line, and every block runs (and stays) eager, with the same output."""
+    calls = []
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            calls.append(1)
+            raise RuntimeError("InductorError: no vectorized tanh\nmore detail")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    m = tiny().eval()
+    x, t, *y = batch()
+    ref = m(x, t, *y)  # not compiled yet
+    net = speed.compile_module(m, "blocks")
+    torch.testing.assert_close(net(x, t, *y), ref, atol=0, rtol=0)
+    torch.testing.assert_close(net(x, t, *y), ref, atol=0, rtol=0)
+    assert len(calls) == 1                                    # the compiled path was tried once
+    assert all(blk._compiled_call_impl is None for blk in m.blocks)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch.compile failed" in err[0] and "running eager" in err[0]
+    assert set(net.state_dict()) == {"module." + k for k in m.state_dict()}
+
+
 @pytest.mark.skipif(not os.environ.get("DITS_TEST_COMPILE"), reason="torch.compile takes ~30 s; DITS_TEST_COMPILE=1")
 def test_compiled_model_equals_eager():
     m = tiny()
@@ -191,6 +219,8 @@ def test_compiled_model_equals_eager():
     ref = m(x, t, *y).detach()
     out = speed.compile_module(m)(x, t, *y).detach()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    blocks = speed.compile_module(m, "blocks")(x, t, *y).detach()
+    torch.testing.assert_close(blocks, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cosine_lr_schedule():

@@ -175,10 +175,10 @@ def dits_train_step(s: Setup) -> Callable[[], None]:
     model = s.build()
     model.grad_checkpoint = s.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    do_compile, why_not = should_compile(s.compile, device, s.run_steps, s.precision)
+    plan, why_not = should_compile(s.compile, device, s.run_steps, s.precision)
     if why_not:
         print(f"dits bench: {why_not}", file=sys.stderr)
-    net = compile_module(model) if do_compile else model
+    net = compile_module(model, plan) if plan else model
     opt = adamw(model.parameters(), 1e-4, 0.0, device)
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
     diffusion = create_diffusion("")

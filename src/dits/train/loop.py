@@ -266,10 +266,13 @@ def _speed_up(cfg: TrainConfig, model: DiT, net: torch.nn.Module, ctx, start: in
     check_precision(cfg.precision, ctx.device)
     setup_device(ctx.device)
     model.grad_checkpoint = cfg.grad_checkpoint
-    compile_it, why_not = should_compile(cfg.compile, ctx.device, cfg.steps - start, cfg.precision)
+    plan, why_not = should_compile(cfg.compile, ctx.device, cfg.steps - start, cfg.precision)
     if why_not and ctx.main:
         print(f"dits train: {why_not}", flush=True)
-    return compile_module(net) if compile_it else net
+    if plan and ctx.main:
+        what = "each transformer block" if plan == "blocks" else "the whole model"
+        print(f"dits train: torch.compile of {what} (--compile {cfg.compile}); the first step includes it", flush=True)
+    return compile_module(net, plan, model) if plan else net
 
 
 def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:
