@@ -166,6 +166,17 @@ def test_runner_skips_done_cells_resumes_partial_ones_and_survives_a_failure(tmp
     (tmp_path / "bin" / "calls.txt").unlink()
     runner.run_cells("scaling", "quick", out, jobs=1, python=str(py), log=logs.append)
     assert (tmp_path / "bin" / "calls.txt").read_text().split() == ["B-p4"]
+    # a failed cell finished by other means (another runner, a copied run dir): the next
+    # run skips it, and the report says done, not the stale failure
+    fake_run(out, cells["B-p4"], {250: 3.0, 1500: 0.25})
+    (tmp_path / "bin" / "calls.txt").unlink()
+    runner.run_cells("scaling", "quick", out, jobs=1, python=str(py), log=logs.append)
+    assert not (tmp_path / "bin" / "calls.txt").exists()
+    table = {r["model"]: r for r in report.write_report(out, "scaling", "quick")["rows"]}
+    assert table["B/4"]["status"] == "done" and table["B/4"]["fd"] == 0.25
+    (out / "logs" / "B-p4.failed").write_text("exit code 2: an older attempt\n")  # --report-only sees it
+    table = {r["model"]: r for r in report.write_report(out, "scaling", "quick")["rows"]}
+    assert table["B/4"]["status"] == "done"
 
 
 def synthetic_scaling(out, budget="quick", fd_of=lambda c, s: 1 / (c.gflops * s * c.params ** 0.5)):

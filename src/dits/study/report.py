@@ -105,10 +105,12 @@ def read_run(out: Path, cell) -> Run:
         run.evals = _read_evals(d / "eval.jsonl")
         pngs = sorted(d.glob("samples_*.png"))
         run.samples = pngs[-1] if pngs else None
-        if run.status != "failed":
-            ckpt = latest_checkpoint(d)
-            done = ckpt is not None and int(ckpt.stem) >= run.planned_steps and (d / "summary.json").is_file()
-            run.status = "done" if done else ("partial" if ckpt is not None else "missing")
+        ckpt = latest_checkpoint(d)
+        done = ckpt is not None and int(ckpt.stem) >= run.planned_steps and (d / "summary.json").is_file()
+        if done:  # finished since an earlier attempt failed: the marker is stale
+            run.status, run.error = "done", ""
+        elif run.status != "failed":
+            run.status = "partial" if ckpt is not None else "missing"
     return run
 
 

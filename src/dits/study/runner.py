@@ -146,6 +146,7 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
     todo = [c for c in cells if c.name not in results]
     for c in cells:
         if c.name in results:
+            (out / "logs" / f"{c.name}.failed").unlink(missing_ok=True)  # an earlier attempt's
             log(f"[{c.name}] already done, skipped ({last_eval_line(out, c)})")
     est = {c.name: estimated_seconds(c) for c in todo}
     log(f"study {kind} ({budget}): {len(cells)} cells, {len(todo)} to train, {jobs} job(s) x {threads} thread(s); "
@@ -158,6 +159,11 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
                 state = cell_state(out, cell)
+                if state == "done":  # finished meanwhile (another runner, a copied run dir)
+                    (out / "logs" / f"{cell.name}.failed").unlink(missing_ok=True)
+                    results[cell.name] = "done"
+                    log(f"[{cell.name}] already done, skipped ({last_eval_line(out, cell)})")
+                    continue
                 logf = open(out / "logs" / f"{cell.name}.log", "a")
                 logf.seek(0, os.SEEK_END)
                 proc = subprocess.Popen(command_for(out, cell, python), stdout=logf, stderr=subprocess.STDOUT,
