@@ -144,14 +144,18 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
            "PYTHONUNBUFFERED": "1"}
     results = {c.name: "done" for c in cells if cell_state(out, c) == "done"}
     todo = [c for c in cells if c.name not in results]
+    def skip_done(c: Cell) -> None:
+        (out / "logs" / f"{c.name}.failed").unlink(missing_ok=True)  # an earlier attempt's
+        results[c.name] = "done"
+        log(f"[{c.name}] already done, skipped ({last_eval_line(out, c)})")
+
     for c in cells:
         if c.name in results:
-            (out / "logs" / f"{c.name}.failed").unlink(missing_ok=True)  # an earlier attempt's
-            log(f"[{c.name}] already done, skipped ({last_eval_line(out, c)})")
+            skip_done(c)
     est = {c.name: estimated_seconds(c) for c in todo}
     log(f"study {kind} ({budget}): {len(cells)} cells, {len(todo)} to train, {jobs} job(s) x {threads} thread(s); "
         f"first estimate {_fmt_s(sum(est.values()) / jobs)}")
-    running: dict[str, tuple[subprocess.Popen, Cell, float, object]] = {}
+    running: dict[str, tuple[subprocess.Popen, Cell, float, object, int]] = {}  # proc, cell, start, log, log offset
     t0, last_status, spent_est, spent_real = time.time(), time.time(), 0.0, 0.0
     queue = list(todo)
     try:
@@ -160,9 +164,7 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
                 cell = queue.pop(0)
                 state = cell_state(out, cell)
                 if state == "done":  # finished meanwhile (another runner, a copied run dir)
-                    (out / "logs" / f"{cell.name}.failed").unlink(missing_ok=True)
-                    results[cell.name] = "done"
-                    log(f"[{cell.name}] already done, skipped ({last_eval_line(out, cell)})")
+                    skip_done(cell)
                     continue
                 logf = open(out / "logs" / f"{cell.name}.log", "a")
                 logf.seek(0, os.SEEK_END)
