@@ -43,7 +43,7 @@ def closed_form_macs(depth, d, p, size=8, c=1, freq=256):
 
 @pytest.mark.parametrize("budget", ["quick", "full"])
 def test_cells_tokens_and_gflops(budget):
-    cells = grid.build_grid("scaling", budget)
+    cells = grid.build_grid("scaling", budget, "digits")
     for cell in cells:
         depth, width, _ = grid.SIZES[cell.size]
         assert cell.tokens == (8 // cell.patch) ** 2
@@ -66,7 +66,7 @@ def test_cells_tokens_and_gflops(budget):
 
 
 def test_blocks_grid_is_the_four_designs_on_one_size():
-    cells = grid.build_grid("blocks", "quick")
+    cells = grid.build_grid("blocks", "quick", "digits")
     assert sorted(c.block for c in cells) == sorted(grid.BLOCKS)
     assert len({(c.size, c.patch, c.steps) for c in cells}) == 1
 
@@ -102,7 +102,7 @@ def fake_run(out, cell, fds, planned=None, finished=True, block=None):
 
 
 def test_cell_state_and_resume_command(tmp_path):
-    cell = grid.build_grid("scaling", "quick")[0]
+    cell = grid.build_grid("scaling", "quick", "digits")[0]
     assert runner.cell_state(tmp_path, cell) == "new"
     assert "--resume" not in runner.command_for(tmp_path, cell)
     fake_run(tmp_path, cell, {250: 1.0}, finished=False)
@@ -145,12 +145,12 @@ def test_runner_skips_done_cells_resumes_partial_ones_and_survives_a_failure(tmp
     py.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {fake} \"$@\"\n")
     py.chmod(0o755)
     out = tmp_path / "study"
-    cells = {c.name: c for c in grid.build_grid("scaling", "quick")}
+    cells = {c.name: c for c in grid.build_grid("scaling", "quick", "digits")}
     runner.prepare_out(out, "scaling", "quick", list(cells.values()))
     fake_run(out, cells["S-p4"], {250: 3.0, 1500: 2.0})                    # finished: skipped
     fake_run(out, cells["S-p2"], {250: 3.0}, finished=False)               # partial: resumed
     logs = []
-    res = runner.run_cells("scaling", "quick", out, jobs=2, python=str(py), log=logs.append)
+    res = runner.run_cells("scaling", "quick", out, jobs=2, python=str(py), log=logs.append, data="digits")
     calls = (tmp_path / "bin" / "calls.txt").read_text().split("\n")
     assert "S-p4" not in " ".join(calls) and "S-p2 resume" in calls
     assert res["B-p4"].startswith("failed") and "made-up failure" in res["B-p4"]
@@ -164,13 +164,13 @@ def test_runner_skips_done_cells_resumes_partial_ones_and_survives_a_failure(tmp
     assert len(csv_lines) == 1 + len(cells) and csv_lines[0].startswith("model,patch,tokens,params,gflops")
     # rerunning retries only the failed cell
     (tmp_path / "bin" / "calls.txt").unlink()
-    runner.run_cells("scaling", "quick", out, jobs=1, python=str(py), log=logs.append)
+    runner.run_cells("scaling", "quick", out, jobs=1, python=str(py), log=logs.append, data="digits")
     assert (tmp_path / "bin" / "calls.txt").read_text().split() == ["B-p4"]
     # a failed cell finished by other means (another runner, a copied run dir): the next
     # run skips it, and the report says done, not the stale failure
     fake_run(out, cells["B-p4"], {250: 3.0, 1500: 0.25})
     (tmp_path / "bin" / "calls.txt").unlink()
-    runner.run_cells("scaling", "quick", out, jobs=1, python=str(py), log=logs.append)
+    runner.run_cells("scaling", "quick", out, jobs=1, python=str(py), log=logs.append, data="digits")
     assert not (tmp_path / "bin" / "calls.txt").exists()
     table = {r["model"]: r for r in report.write_report(out, "scaling", "quick")["rows"]}
     assert table["B/4"]["status"] == "done" and table["B/4"]["fd"] == 0.25
@@ -180,7 +180,7 @@ def test_runner_skips_done_cells_resumes_partial_ones_and_survives_a_failure(tmp
 
 
 def synthetic_scaling(out, budget="quick", fd_of=lambda c, s: 1 / (c.gflops * s * c.params ** 0.5)):
-    cells = grid.build_grid("scaling", budget)
+    cells = grid.build_grid("scaling", budget, "digits")
     runner.prepare_out(out, "scaling", budget, cells)
     for c in cells:
         fake_run(out, c, {s: fd_of(c, s) for s in range(c.eval_every, c.steps + 1, c.eval_every)})
@@ -226,7 +226,7 @@ def test_equal_compute_comparison_interpolates_in_log_compute():
 
 
 def test_blocks_and_sampling_verdicts(tmp_path):
-    cells = grid.build_grid("blocks", "quick")
+    cells = grid.build_grid("blocks", "quick", "digits")
     runner.prepare_out(tmp_path, "blocks", "quick", cells)
     paper = {"adaln-zero": 19, "adaln": 23, "cross-attn": 26, "in-context": 35}
     for c in cells:
@@ -244,8 +244,8 @@ def test_blocks_and_sampling_verdicts(tmp_path):
 def test_printed_command_runs_as_given(tmp_path, monkeypatch, capsys):
     tiny = {"scaling": {"sizes": ("S",), "patches": (4,), "steps": 4}, "blocks": {"size": "S", "patch": 4, "steps": 4},
             "eval_every": 4, "eval_samples": 20, "sampling": {"smallest": (2,), "largest": (2,)}}
-    monkeypatch.setitem(grid.BUDGETS, "tiny", tiny)
-    assert main(["study", "scaling", "--budget", "tiny", "--out", str(tmp_path / "s"), "--print-commands"]) == 0
+    monkeypatch.setitem(grid.BUDGETS["digits"], "tiny", tiny)
+    assert main(["study", "scaling", "--data", "digits", "--budget", "tiny", "--out", str(tmp_path / "s"), "--print-commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dits train ")
     bindir = Path(sys.executable).parent
@@ -254,9 +254,9 @@ def test_printed_command_runs_as_given(tmp_path, monkeypatch, capsys):
     env = {**ENV, "PATH": f"{bindir}{os.pathsep}{ENV.get('PATH', '')}"}
     r = subprocess.run(lines[0], shell=True, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    cell = grid.build_grid("scaling", "tiny")[0]
+    cell = grid.build_grid("scaling", "tiny", "digits")[0]
     assert runner.cell_state(tmp_path / "s", cell) == "done"
-    assert main(["study", "scaling", "--budget", "tiny", "--out", str(tmp_path / "s"), "--report-only"]) == 0
+    assert main(["study", "scaling", "--data", "digits", "--budget", "tiny", "--out", str(tmp_path / "s"), "--report-only"]) == 0
     assert "| S/4 | 4 | 4 |" in (tmp_path / "s" / "study.md").read_text()
     # the run used the study's pinned recipe, whatever the digits preset says today
     import yaml
@@ -293,8 +293,8 @@ def test_sampling_compute_plans_the_smallest_and_largest_models(tmp_path, capsys
     cells = synthetic_scaling(tmp_path)
     assert main(["study", "sampling-compute", "--out", str(tmp_path), "--print-commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    want = [(cells[0].name, k) for k in grid.BUDGETS["quick"]["sampling"]["smallest"]] + \
-           [(cells[-1].name, k) for k in grid.BUDGETS["quick"]["sampling"]["largest"]]
+    want = [(cells[0].name, k) for k in grid.BUDGETS["digits"]["quick"]["sampling"]["smallest"]] + \
+           [(cells[-1].name, k) for k in grid.BUDGETS["digits"]["quick"]["sampling"]["largest"]]
     assert len(lines) == len(want)
     for line, (name, k) in zip(lines, want):
         assert line.startswith("dits sample ") and " && dits evaluate " in line
@@ -306,13 +306,13 @@ def test_runner_resumes_a_real_partial_cell(tmp_path, monkeypatch):
         return {"scaling": {"sizes": ("S",), "patches": (4,), "steps": steps},
                 "blocks": {"size": "S", "patch": 4, "steps": steps},
                 "eval_every": 2, "eval_samples": 0, "sampling": {"smallest": (2,), "largest": (2,)}}
-    monkeypatch.setitem(grid.BUDGETS, "tiny", budget(2))
+    monkeypatch.setitem(grid.BUDGETS["digits"], "tiny", budget(2))
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
     out, logs = tmp_path / "s", []
-    assert runner.run_cells("scaling", "tiny", out, log=logs.append) == {"S-p4": "done"}
+    assert runner.run_cells("scaling", "tiny", out, log=logs.append, data="digits") == {"S-p4": "done"}
     # the same study asked for more steps: the cell is now unfinished and resumes
-    monkeypatch.setitem(grid.BUDGETS, "tiny", budget(4))
-    assert runner.run_cells("scaling", "tiny", out, log=logs.append) == {"S-p4": "done"}
+    monkeypatch.setitem(grid.BUDGETS["digits"], "tiny", budget(4))
+    assert runner.run_cells("scaling", "tiny", out, log=logs.append, data="digits") == {"S-p4": "done"}
     assert any("[S-p4] resuming" in ln for ln in logs)
     d = runner.run_dir(out, "S-p4")
     assert sorted(p.name for p in (d / "checkpoints").glob("*.pt")) == ["0000002.pt", "0000004.pt"]
@@ -326,7 +326,7 @@ def test_a_cell_stopped_before_its_first_checkpoint_starts_over(tmp_path):
     from dits.study.grid import build_grid
     from dits.study.runner import command_for, run_dir
 
-    cell = build_grid("scaling", "quick")[0]
+    cell = build_grid("scaling", "quick", "digits")[0]
     assert "--overwrite" not in command_for(tmp_path, cell) and "--resume" not in command_for(tmp_path, cell)
     d = run_dir(tmp_path, cell)
     d.mkdir(parents=True)

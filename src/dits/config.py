@@ -20,7 +20,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 @dataclass
 class TrainConfig:
     # ---- data
-    data: str = "digits"              # "digits" (built in) or an image folder (class subfolders = labels)
+    data: str = "digits"              # a built-in set (digits, glyphs: dits.data.builtin) or an image folder
     latents: str | None = None        # a cache written by `dits extract-latents` (then `data` is unused)
     image_size: int = 256             # pixel side length for image folders
     vae: str | None = None            # None: pixel space; else a diffusers AutoencoderKL hub id or directory
@@ -105,8 +105,9 @@ class TrainConfig:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.class_dropout_prob < 1:
             raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
-        if self.data == "digits" and not self.latents and self.vae:
-            raise UserError("the built-in digits train in pixel space; drop --vae (or pass --data FOLDER)")
+        from dits.data.builtin import is_builtin
+        if is_builtin(self.data) and not self.latents and self.vae:
+            raise UserError(f"the built-in {self.data} train in pixel space; drop --vae (or pass --data FOLDER)")
         _choice("lr-schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("compile", self.compile, ("auto", "on", "off"))
         if not isinstance(self.grad_checkpoint, bool):
@@ -136,6 +137,11 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _is_builtin(name) -> bool:
+    from dits.data.builtin import is_builtin
+    return is_builtin(name)
 
 
 def _choice(flag: str, value, allowed) -> None:
@@ -230,7 +236,7 @@ def resolve_config(preset: str | None = None, overrides: dict | None = None) -> 
         values.update(_sections(data).get(objective, {}))
     typed = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(typed)
-    if values.get("vae") and "vae" not in typed and values.get("data", "digits") == "digits" \
+    if values.get("vae") and "vae" not in typed and _is_builtin(values.get("data", "digits")) \
             and not values.get("latents"):
         # the preset's VAE, not the user's: say what is really missing
         raise UserError(f"preset {preset} trains in latent space: pass --data IMAGE_FOLDER or --latents CACHE_DIR "

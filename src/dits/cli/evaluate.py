@@ -21,7 +21,7 @@ def register(subparsers) -> None:
                     "reference batch. Inception weights: pt_inception-2015-12-05-6726825d.pth "
                     "(pytorch-fid release asset) via --inception or $DITS_INCEPTION.")
     p.add_argument("samples", nargs="?", help="samples .npz (ADM layout)")
-    p.add_argument("--ref", help="reference batch .npz (ADM layout), or 'digits'")
+    p.add_argument("--ref", help="reference batch .npz (ADM layout), or a built-in data set: 'digits', 'glyphs'")
     p.add_argument("--make-ref", metavar="SRC",
                    help="write a reference batch from an image folder (recursive png/jpg) or an .npz")
     p.add_argument("--out", help="output .npz for --make-ref")
@@ -52,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if args.make_ref:
         return _make_ref(args)
     if not args.samples or not args.ref:
-        raise UserError("give SAMPLES.npz --ref REF.npz|digits, or --make-ref SRC --out REF.npz, "
+        raise UserError("give SAMPLES.npz --ref REF.npz|digits|glyphs, or --make-ref SRC --out REF.npz, "
                         "or --digits-check")
-    if args.ref == "digits":
-        return _digits(args)
+    from dits.data.builtin import is_builtin
+
+    if is_builtin(args.ref):
+        return _builtin(args)
     return _inception(args)
 
 
@@ -63,7 +65,9 @@ def _json_path(args: argparse.Namespace) -> Path:
     if args.json:
         return Path(args.json)
     s = Path(args.samples)
-    ref = "digits" if args.ref == "digits" else Path(args.ref).stem
+    from dits.data.builtin import is_builtin
+
+    ref = args.ref if is_builtin(args.ref) else Path(args.ref).stem
     return s.with_name(f"{s.stem}.eval.{ref}.json")
 
 
@@ -101,29 +105,32 @@ def _inception(args: argparse.Namespace) -> int:
     return 0
 
 
-def _digits(args: argparse.Namespace) -> int:
+def _builtin(args: argparse.Namespace) -> int:
+    """``--ref digits`` / ``--ref glyphs``: the built-in data set's own metric."""
     import numpy as np
 
-    from dits.evaluate.digits import digits_metric, svc_accuracy
+    from dits.data.builtin import get
+    from dits.evaluate.builtin import score
     from dits.evaluate.images import NpzImages, load_labels
     from dits.evaluate.reference import write_json
 
+    side = get(args.ref).image_size
     arr = NpzImages(args.samples)  # validates layout and dtype without loading
-    if arr.shape[1:3] != (8, 8):
-        raise UserError(f"--ref digits needs 8×8 samples, {args.samples} holds "
+    if arr.shape[1:3] != (side, side):
+        raise UserError(f"--ref {args.ref} needs {side}×{side} samples, {args.samples} holds "
                         f"{arr.shape[1]}×{arr.shape[2]} images")
     n = len(arr)
     with np.load(args.samples, allow_pickle=False) as z:
         images = z["arr_0"]
     labels = load_labels(args.samples, n)
-    d = digits_metric(images, labels, seed=args.seed)
-    d["svc_accuracy"] = svc_accuracy(images, labels) if labels is not None else None
+    d = score(args.ref, images, labels, seed=args.seed)
     d["samples"] = str(args.samples)
+    floor_std = f" ± {d['fd_floor_std']:.4f}" if d.get("fd_floor_std") is not None else ""
     rows = [("samples", f"{d['n']}"),
             ("class accuracy (MLP)", _pct(d["accuracy"])),
-            ("class accuracy (SVC)", _pct(d["svc_accuracy"])),
+            *([("class accuracy (SVC)", _pct(d["svc_accuracy"]))] if "svc_accuracy" in d else []),
             ("FD (MLP features)", f"{d['fd']:.4f}"),
-            ("real-vs-real floor", f"{d['fd_floor']:.4f} ± {d['fd_floor_std']:.4f}"),
+            ("real-vs-real floor", f"{d['fd_floor']:.4f}{floor_std}"),
             ("held-out FD", f"{d['fd_heldout']:.4f}"),
             ("held-out real floor", f"{d['fd_heldout_floor']:.4f}"),
             ("held-out ratio", f"{d['fd_heldout'] / d['fd_heldout_floor']:.2f}x")]

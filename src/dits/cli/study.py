@@ -1,6 +1,7 @@
-"""``dits study``: rerun the paper's scaling and block-design experiments on the digits.
+"""``dits study``: rerun the paper's scaling and block-design experiments on a built-in data set
+(the glyphs testbed by default; ``--data digits`` for the 8x8 digits).
 
-    dits study scaling [--budget quick|full] [--out DIR] [--jobs N] [--print-commands] [--report-only]
+    dits study scaling [--budget quick|full] [--data glyphs|digits] [--out DIR] [--jobs N] [--print-commands] [--report-only]
     dits study blocks  [same flags]
     dits study sampling-compute [same flags]   # finding 4, on a finished scaling study's --out
 """
@@ -12,12 +13,14 @@ from dits.errors import UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("study", help="reproduce the paper's scaling / block-design findings on the digits",
+    p = sub.add_parser("study", help="reproduce the paper's scaling / block-design findings on a built-in testbed",
                        description="Train a grid of ordinary `dits train` runs (resumable: rerun to continue), "
                                    "then write study.csv, study.md, figures and a verdict per finding. "
                                    "sampling-compute (finding 4) samples a finished scaling study's models.")
     p.add_argument("kind", help="scaling | blocks | sampling-compute")
-    p.add_argument("--budget", default="quick", help="quick (about 25 min on 2 cores) | full (hours)")
+    p.add_argument("--budget", default="quick", help="quick (about 20 min on 2 cores) | full (hours)")
+    p.add_argument("--data", default=None, help="built-in data set: glyphs (the testbed, default) | digits; "
+                                                "default for an existing --out: the data it was run on")
     p.add_argument("--out", default=None, help="study directory (default studies/<kind>-<budget>; "
                                                "sampling-compute: the scaling study's)")
     p.add_argument("--jobs", type=int, default=1, help="cells trained in parallel (at most the CPU cores)")
@@ -31,22 +34,29 @@ def run(args) -> int:
     from dits.study.grid import check_budget, check_kind
     from dits.study.runner import check_jobs
 
+    from dits.study.grid import DEFAULT_DATA, check_data
+    from dits.study.runner import manifest_data, read_manifest
+
     kind = check_kind(args.kind)
-    check_budget(args.budget)
+    if args.data is not None:
+        check_data(args.data)
     check_jobs(args.jobs)
     if args.print_commands and args.report_only:
         raise UserError("--print-commands and --report-only exclude each other; give one")
     scaling_kind = "scaling" if kind == "sampling-compute" else kind
-    out = Path(args.out or f"studies/{scaling_kind}-{args.budget}")
+    default_out = f"studies/{scaling_kind}-{args.budget}" + (f"-{args.data}" if args.data == "digits" else "")
+    out = Path(args.out or default_out)
+    data = args.data or manifest_data(read_manifest(out)) or DEFAULT_DATA
+    check_budget(args.budget, data)
     if kind == "sampling-compute":
         return _sampling(args, out)
     if args.print_commands:
         from dits.study.runner import print_commands
-        print("\n".join(print_commands(kind, args.budget, out)))
+        print("\n".join(print_commands(kind, args.budget, out, data)))
         return 0
     if not args.report_only:
         from dits.study.runner import run_cells
-        run_cells(kind, args.budget, out, jobs=args.jobs, log=lambda s: print(s, flush=True))
+        run_cells(kind, args.budget, out, jobs=args.jobs, log=lambda s: print(s, flush=True), data=data)
     return _report(out, kind, args.budget)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 HELP = {
-    "data": "'digits' (built in) or an image folder (class subfolders = labels, flat = unconditional)",
+    "data": "a built-in set ('digits'; 'glyphs', the study testbed) or an image folder (class subfolders = "
+            "labels, flat = unconditional)",
     "latents": "latent cache from `dits extract-latents` (trains without loading the VAE)",
     "vae": "diffusers AutoencoderKL hub id or directory (latent space); default pixel space",
     "model": "DiT-S/2 ... DiT-XL/8, or DiT with --depth/--hidden-size/--num-heads/--patch-size",
@@ -77,12 +78,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from dits.config import TrainConfig, resolve_config
+    from dits.data.builtin import is_builtin
     from dits.train import train
 
     overrides = {k: getattr(args, k) for k in TrainConfig.fields()}
     preset = args.preset
-    if preset is None and not args.resume and args.data in (None, "digits") and not args.latents:
-        preset = "digits"
+    if preset is None and not args.resume and (args.data is None or is_builtin(args.data)) and not args.latents:
+        preset = args.data or "digits"  # a built-in set trains with its own preset
     cfg = resolve_config(preset, overrides)
     typed = {k for k, v in overrides.items() if v is not None}
     if args.preset and args.resume:
@@ -95,6 +97,6 @@ def run(args) -> int:
         print(f"done: run dir {summary.get('run_dir')}; samples {summary.get('samples')}")
         m = summary.get("digits_metric")
         if m:
-            from dits.evaluate.digits import format_digits_metric
-            print("digits metric:", format_digits_metric(m))
+            from dits.evaluate.builtin import format_metric
+            print(f"{cfg.data} metric:", format_metric(cfg.data, m))
     return 0

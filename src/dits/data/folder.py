@@ -68,7 +68,9 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
     """(files, labels, classes) of an image folder, without opening any image."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise UserError(f"data folder {root} does not exist")
+        from dits.data.builtin import names
+        raise UserError(f"data folder {root} does not exist; --data takes an image folder or a built-in name "
+                        f"(built-in names: {', '.join(names())})")
     if not root.is_dir():
         raise UserError(f"data path {root} is not a folder; pass a folder of images or of class subfolders")
     entries = sorted(os.scandir(root), key=lambda e: e.name)

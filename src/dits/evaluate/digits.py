@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dits.data.digits import split_indices  # noqa: F401  (the metric's 80/20 split is the data's)
 from dits.errors import UserError
 from dits.evaluate.cache import cache_dir
 from dits.evaluate.metrics import frechet_distance
@@ -46,7 +47,6 @@ CACHE_NAME = "digits_classifier.npz"
 HIDDEN = 64
 ALPHA = 1e-2
 MAX_ITER = 500
-TEST_FRACTION = 0.2
 FLOOR_REPEATS = 10
 SPLIT_REPEATS = 20
 # SVC hyper-parameters, fixed in advance (the classic gamma = 0.001 on the 0..16 scale is
@@ -67,14 +67,6 @@ def real_digits() -> tuple[np.ndarray, np.ndarray]:
     labels = d.target.astype(np.int64)
     labels.setflags(write=False)
     return images, labels
-
-
-def split_indices() -> tuple[np.ndarray, np.ndarray]:
-    """Fixed (train, test) index split of the real digits: 80 % / 20 %."""
-    n = len(real_digits()[1])
-    perm = np.random.default_rng(0).permutation(n)  # PCG64 streams are stable across numpy
-    n_test = int(round(n * TEST_FRACTION))
-    return perm[n_test:], perm[:n_test]
 
 
 def to_inputs(images) -> np.ndarray:
@@ -136,37 +128,42 @@ class DigitsClassifier:
         return self._real_features
 
 
-def fit_classifier() -> DigitsClassifier:
-    """Fit the MLP on the fixed train split (deterministic: fixed seed, float64)."""
+def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, alpha: float, max_iter: int) -> tuple:
+    """(w1, b1, w2, b2) of a one-hidden-layer ReLU MLP fitted with sklearn (Adam, seed 0)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
+    mlp = MLPClassifier(hidden_layer_sizes=(hidden,), activation="relu", alpha=alpha,
+                        max_iter=max_iter, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp.fit(x, y)
+    (w1, w2), (b1, b2) = mlp.coefs_, mlp.intercepts_
+    return w1, b1, w2, b2
+
+
+def fit_classifier() -> DigitsClassifier:
+    """Fit the MLP on the fixed train split (deterministic: fixed seed, float64)."""
     images, labels = real_digits()
     x = to_inputs(images)
     train, test = split_indices()
-    mlp = MLPClassifier(hidden_layer_sizes=(HIDDEN,), activation="relu", alpha=ALPHA,
-                        max_iter=MAX_ITER, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        mlp.fit(x[train], labels[train])
-    (w1, w2), (b1, b2) = mlp.coefs_, mlp.intercepts_
-    clf = DigitsClassifier(w1, b1, w2, b2, 0.0, len(train), len(test))
+    clf = DigitsClassifier(*fit_mlp(x[train], labels[train], HIDDEN, ALPHA, MAX_ITER), 0.0, len(train), len(test))
     clf.heldout_accuracy = float((clf.predict(x[test]) == labels[test]).mean())
     return clf
 
 
-def _save(clf: DigitsClassifier, path: Path) -> None:
+def _save(clf: DigitsClassifier, path: Path, recipe: str = RECIPE) -> None:
     from dits.fileio import write_npz_atomic
 
-    write_npz_atomic(path, recipe=np.array(RECIPE), w1=clf.w1, b1=clf.b1, w2=clf.w2, b2=clf.b2,
+    write_npz_atomic(path, recipe=np.array(recipe), w1=clf.w1, b1=clf.b1, w2=clf.w2, b2=clf.b2,
                      heldout_accuracy=clf.heldout_accuracy, n_train=clf.n_train, n_test=clf.n_test)
 
 
-def _load(path: Path) -> DigitsClassifier | None:
+def _load(path: Path, recipe: str = RECIPE) -> DigitsClassifier | None:
     """The cached classifier, or None if absent, unreadable or of another recipe."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z["recipe"]) != RECIPE:
+            if str(z["recipe"]) != recipe:
                 return None
             return DigitsClassifier(z["w1"], z["b1"], z["w2"], z["b2"],
                                     float(z["heldout_accuracy"]), int(z["n_train"]),

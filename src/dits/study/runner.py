@@ -16,7 +16,7 @@ from pathlib import Path
 from dits.checkpoint import latest_checkpoint
 from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
-from dits.study.grid import BATCH_SIZE, Cell, build_grid, train_command
+from dits.study.grid import BATCH_SIZE, DEFAULT_DATA, Cell, build_grid, train_command
 
 MANIFEST = "study.json"
 POLL_S, STATUS_EVERY_S = 1.0, 60.0
@@ -37,18 +37,24 @@ def read_manifest(out: Path) -> dict | None:
         raise UserError(f"{path} is not a study manifest (bad JSON); use another --out") from None
 
 
-def prepare_out(out: Path, kind: str, budget: str, cells: list[Cell]) -> None:
+def manifest_data(m: dict | None) -> str | None:
+    """The data set of a manifest (None without one; digits for manifests from before ``--data``)."""
+    return None if m is None else m.get("data", "digits")
+
+
+def prepare_out(out: Path, kind: str, budget: str, cells: list[Cell], data: str | None = None) -> None:
     """Check that ``out`` is empty of other studies' cells, then write the manifest."""
     out = Path(out)
+    data = data or (cells[0].data if cells else DEFAULT_DATA)
     m = read_manifest(out)
-    if m is not None and (m.get("kind"), m.get("budget")) != (kind, budget):
-        raise UserError(f"--out {out} holds a {m.get('kind')} study (budget {m.get('budget')}); "
-                        f"give another --out for the {kind} study (budget {budget})")
+    if m is not None and (m.get("kind"), m.get("budget"), manifest_data(m)) != (kind, budget, data):
+        raise UserError(f"--out {out} holds a {m.get('kind')} study (budget {m.get('budget')}, data "
+                        f"{manifest_data(m)}); give another --out for the {kind} study (budget {budget}, data {data})")
     if m is None and (out / "runs").is_dir() and any((out / "runs").iterdir()):
         raise UserError(f"--out {out} holds runs that no study manifest describes; give an empty or new --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    write_json_atomic(out / MANIFEST, {"kind": kind, "budget": budget, "cells": [c.name for c in cells]})
+    write_json_atomic(out / MANIFEST, {"kind": kind, "budget": budget, "data": data, "cells": [c.name for c in cells]})
 
 
 def cell_state(out: Path, cell: Cell) -> str:
@@ -132,12 +138,12 @@ def check_jobs(jobs: int) -> int:
 
 
 def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: str | None = None,
-              log=print) -> dict:
+              log=print, data: str = DEFAULT_DATA) -> dict:
     """Train every unfinished cell of the study; returns {cell name: 'done' | 'failed: ...'}."""
     check_jobs(jobs)
     out = Path(out)
-    cells = build_grid(kind, budget)
-    prepare_out(out, kind, budget, cells)
+    cells = build_grid(kind, budget, data)
+    prepare_out(out, kind, budget, cells, data)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)   # jobs x threads <= cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -153,7 +159,7 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
         if c.name in results:
             skip_done(c)
     est = {c.name: estimated_seconds(c) for c in todo}
-    log(f"study {kind} ({budget}): {len(cells)} cells, {len(todo)} to train, {jobs} job(s) x {threads} thread(s); "
+    log(f"study {kind} ({budget}, data {data}): {len(cells)} cells, {len(todo)} to train, {jobs} job(s) x {threads} thread(s); "
         f"first estimate {_fmt_s(sum(est.values()) / jobs)}")
     running: dict[str, tuple[subprocess.Popen, Cell, float, object, int]] = {}  # proc, cell, start, log, log offset
     t0, last_status, spent_est, spent_real = time.time(), time.time(), 0.0, 0.0
@@ -217,9 +223,9 @@ def _eta(queue, running, est, spent_est, spent_real, jobs, out=None) -> str:
     return _fmt_s(left * ratio / jobs)
 
 
-def print_commands(kind: str, budget: str, out: str | Path) -> list[str]:
+def print_commands(kind: str, budget: str, out: str | Path, data: str = DEFAULT_DATA) -> list[str]:
     """One plain `dits train` line per cell (submit them anywhere, then --report-only)."""
     from dits.study.grid import shell_line
 
     out = Path(out)
-    return [shell_line(["dits", *c.train_args(str(run_dir(out, c)))]) for c in build_grid(kind, budget)]
+    return [shell_line(["dits", *c.train_args(str(run_dir(out, c)))]) for c in build_grid(kind, budget, data)]

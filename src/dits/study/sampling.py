@@ -1,8 +1,8 @@
 """Finding 4 (the paper's Fig. 10): does more sampling compute make up for a smaller model?
 
 Samples the smallest and the largest finished cell of a scaling study with DDPM at several
-step counts, using ordinary `dits sample` and `dits evaluate --ref digits` runs; results go
-to ``<study>/sampling/<cell>_ddpm<K>.eval.digits.json`` for the report.
+step counts, using ordinary `dits sample` and `dits evaluate --ref DATA` runs (DATA the study's
+built-in data set); results go to ``<study>/sampling/<cell>_ddpm<K>.eval.<DATA>.json`` for the report.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dits.study.runner import (
     cell_state,
     check_jobs,
     last_error_line,
+    manifest_data,
     read_manifest,
     run_dir,
 )
@@ -32,8 +33,9 @@ def plan(out: str | Path, budget: str) -> list[tuple[str, int, list[str], list[s
     if m is None or m.get("kind") != "scaling" or m.get("budget") != budget:
         raise UserError(f"sampling-compute samples a scaling study's models: run `dits study scaling --budget {budget} "
                         f"--out {out}` first (--out holds {'no study' if m is None else m.get('kind') + ' ' + str(m.get('budget'))})")
-    b = check_budget(budget)
-    cells = [c for c in build_grid("scaling", budget) if cell_state(out, c) == "done"]
+    data = manifest_data(m)
+    b = check_budget(budget, data)
+    cells = [c for c in build_grid("scaling", budget, data) if cell_state(out, c) == "done" and not c.seed]
     if len(cells) < 2:
         raise UserError(f"sampling-compute needs at least 2 finished scaling cells in {out}; rerun the scaling study")
     n = b["eval_samples"]
@@ -44,7 +46,7 @@ def plan(out: str | Path, budget: str) -> list[tuple[str, int, list[str], list[s
             todo.append((cell.name, k,
                          ["sample", "--ckpt", str(run_dir(out, cell)), "--num-samples", str(n), "--sampler", "ddpm",
                           "--steps", str(k), "--seed", str(SEED), "--batch-size", "500", "--out", str(npz)],
-                         ["evaluate", str(npz), "--ref", "digits", "--json", str(npz.with_suffix(".eval.digits.json"))]))
+                         ["evaluate", str(npz), "--ref", data, "--json", str(npz.with_suffix(f".eval.{data}.json"))]))
     return todo
 
 

@@ -124,19 +124,36 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
     images, _ = generate(ema, rows * per, labels=labels, seed=cfg.seed, **common)
     save_grid(images, out / f"samples_{step:07d}.png", ncol=per)
     result = {"samples": str(out / f"samples_{step:07d}.png")}
-    if cfg.data == "digits" and not cfg.latents and cfg.eval_samples > 0:
-        from dits.evaluate.digits import digits_metric, format_digits_metric, svc_accuracy
+    from dits.data.builtin import is_builtin
+
+    if is_builtin(cfg.data) and not cfg.latents and cfg.eval_samples > 0:
+        from dits.evaluate.builtin import format_metric, score
 
         imgs, labs = generate(ema, cfg.eval_samples, seed=cfg.seed + 10_000, batch_size=500, **common)
-        m = digits_metric(imgs, labs)
-        m["svc_accuracy"] = svc_accuracy(imgs, labs) if num_classes else None
+        m = score(cfg.data, imgs, labs if num_classes else None)
+        m.update(heldout_losses(cfg, ema, device))
         m = {k: (_finite(float(v)) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
-        line = f"step {step}: {format_digits_metric(m)}"
+        line = f"step {step}: {format_metric(cfg.data, m)}"
         (bar.write if bar is not None else print)(line)
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **m}) + "\n")
         result["digits_metric"] = m
     return result
+
+
+def heldout_losses(cfg: TrainConfig, ema, device) -> dict:
+    """The denoising loss of the EMA weights on the held-out split and, for the memorisation
+    gap, on as many training images, at the same fixed draws (dits.evaluate.heldout_loss)."""
+    from dits.data.builtin import builtin
+    from dits.evaluate.heldout_loss import denoising_loss
+    from dits.objectives import create_objective
+
+    obj = create_objective(cfg.objective, noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps,
+                           learn_sigma=cfg.learn_sigma)
+    held = denoising_loss(ema, obj, *builtin(cfg.data, "heldout"), device=device)
+    train = denoising_loss(ema, obj, *builtin(cfg.data, "train"), device=device)
+    return {"heldout_mse": held["mse"], "heldout_bpd": held["bpd"], "train_mse": train["mse"],
+            "train_bpd": train["bpd"], "loss_gap": held["mse"] / train["mse"] - 1.0}
 
 
 def plot_losses(metrics: Path, png: Path) -> None:

@@ -136,13 +136,14 @@ def build_data(cfg: TrainConfig, ctx: Dist, typed=()):
         vae = load_autoencoder(cfg.vae, scaling_factor=ds.scaling_factor, device=ctx.device) if cfg.vae else None
         c, h = ds.latent_shape[0], ds.latent_shape[-1]
         return DatasetSource(ds, ds.num_classes, cfg.num_workers, cfg.seed), vae, c, h
-    if cfg.data == "digits":
-        from dits.data.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors
+    from dits.data.builtin import builtin, get, is_builtin
 
+    if is_builtin(cfg.data):
+        entry = get(cfg.data)
         if cfg.vae:
-            raise UserError("the built-in digits train in pixel space; drop --vae")
-        x, y = load_digits_tensors()
-        return TensorSource(x, y, NUM_CLASSES), None, 1, IMAGE_SIZE
+            raise UserError(f"the built-in {cfg.data} train in pixel space; drop --vae")
+        x, y = builtin(cfg.data, "train")  # never the held-out split: that is the held-out loss's
+        return TensorSource(x, y, entry.num_classes), None, entry.channels, entry.image_size
     from dits.data.folder import ImageFolderDataset
 
     ds = ImageFolderDataset(cfg.data, cfg.image_size, flip=False)
