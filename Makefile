@@ -1,11 +1,13 @@
 # Two entry points (see README): `make demo` trains on the built-in digits,
 # `make test` runs the whole suite. Both create or reuse .venv/ in the repo root.
+# `make docs` builds the docs site into build/site (mkdocs, strict; the dits[docs] extra).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dits-installed
+DOCS_STAMP := $(VENV)/.dits-docs-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs

@@ -70,6 +70,7 @@ class TrainConfig:
     fsdp: bool = False
     keep_last: int = 0                # keep the K newest periodic checkpoints (0 = keep all)
     keep_every: int = 0               # also keep every checkpoint whose step is a multiple of M (0 = none)
+    log: str = "none"                 # extra logging sinks besides metrics.jsonl: tensorboard, wandb (comma-separated) | none
     # ---- speed (dits.speed decides the kernels; these only say what the user asked for)
     compile: str = "auto"             # auto | on | off: torch.compile the model (auto: where it pays back)
     grad_checkpoint: bool = False     # recompute each block's activations in backward: less memory, ~1/3 more compute
@@ -113,6 +114,7 @@ class TrainConfig:
         if not isinstance(self.grad_checkpoint, bool):
             raise UserError(f"--grad-checkpoint must be true or false, got {self.grad_checkpoint!r}")
         self._validate_objective()
+        self.log = ",".join(log_backends(self.log)) or "none"  # one spelling, so --resume compares like with like
         return self
 
     def _validate_objective(self) -> None:
@@ -144,6 +146,23 @@ def _is_builtin(name) -> bool:
     return is_builtin(name)
 
 
+LOG_BACKENDS = ("tensorboard", "wandb")
+
+
+def log_backends(value) -> tuple[str, ...]:
+    """``--log`` as a tuple of backends, in a fixed order: ``"tensorboard,wandb"``, a list of
+    names (repeated flags, a YAML list), ``"none"`` or empty (no backend besides metrics.jsonl)."""
+    items = value if isinstance(value, (list, tuple)) else str("none" if value is None else value).split(",")
+    names = [str(s).strip().lower() for s in items if str(s).strip()]
+    for n in names:
+        if n not in (*LOG_BACKENDS, "none"):
+            raise UserError(f"--log {n!r} is not a logging backend; choose tensorboard, wandb or none "
+                            "(repeat --log or separate names with commas)")
+    if "none" in names and len(set(names)) > 1:
+        raise UserError(f"--log none cannot be combined with {', '.join(n for n in names if n != 'none')}")
+    return tuple(b for b in LOG_BACKENDS if b in names)
+
+
 def _choice(flag: str, value, allowed) -> None:
     if value not in allowed:
         raise UserError(f"--{flag} must be one of {', '.join(map(str, allowed))}; got {value!r}")
@@ -173,6 +192,7 @@ ON_RESUME = {
     "sample_steps": CHANGE, "cfg_scale": CHANGE, "guidance_interval": CHANGE, "samples_per_class": CHANGE,
     "eval_samples": CHANGE, "num_workers": CHANGE, "device": CHANGE, "fsdp": CHANGE,
     "keep_last": CHANGE, "keep_every": CHANGE,
+    "log": CHANGE,  # a backend added on resume starts at the resumed step; one dropped stops there
 }
 
 

@@ -1,6 +1,8 @@
 """``dits convert``: move adaLN-Zero DiTs between dits checkpoints and diffusers.
 
-    dits convert --to diffusers CKPT OUT_DIR     # a DiTPipeline directory (transformer, scheduler[, vae])
+    dits convert --to diffusers CKPT OUT_DIR     # a DiTPipeline directory (transformer, scheduler[, vae]),
+                                                 # with a model card (README.md) and the run's sample grid
+    dits convert --to diffusers RUN OUT_DIR --push-to-hub OWNER/NAME   # ... and upload it to the Hub
     dits convert --from diffusers DIR OUT        # a dits model checkpoint (OUT, a .pt file)
 """
 from __future__ import annotations
@@ -32,6 +34,9 @@ def register(subparsers) -> None:
                    help="--to: scheduler written with the pipeline (default ddim)")
     p.add_argument("--class-names", default=None, metavar="FILE",
                    help="--to: class names for id2label: a text file (one per line) or a latent cache directory")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="--to: also upload the pipeline (with its model card) to this Hugging Face Hub model "
+                        "repository, created if needed; needs a token (hf auth login or HF_TOKEN)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
 
@@ -58,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     from dits.checkpoint import load_model, save_model
     from dits.interop import diffusers as interop
 
+    if args.push_to_hub and not args.to:
+        raise UserError("--push-to-hub uploads a diffusers export: use it with --to diffusers")
     if args.to:
+        from dits.interop.hub import check_push, push_folder
+        from dits.interop.model_card import find_run_dir, model_card
+
+        token = check_push(args.push_to_hub) if args.push_to_hub else None  # before any work
         model, info = load_model(args.src, model_name=args.model)
         from dits.objectives import objective_of
         if objective_of(info) != "diffusion":
@@ -68,13 +79,28 @@ def run(args: argparse.Namespace) -> int:
         names = _class_names(args.class_names, info)
         if names is not None and len(names) != model.num_classes:
             raise UserError(f"{len(names)} class names given for a model with {model.num_classes} classes")
+        run_dir = find_run_dir(args.src)
+        repo = args.push_to_hub
+        card, files = model_card(model, info, where=repo or str(args.dst), has_vae=args.vae is not None,
+                                 vae_spec=args.vae or info.get("vae_spec"), scheduler=args.scheduler,
+                                 class_names=names, run_dir=run_dir, name=repo.split("/")[-1] if repo else None)
+        pushed = []
+
+        def publish(folder):  # the finished export, before it is moved to DST: a failed upload leaves nothing
+            step = f" at step {info['step']}" if info.get("step") is not None else ""
+            pushed.append(push_folder(folder, repo, token, f"dits convert: {Path(str(info.get('source'))).name}{step}"))
+
         with warnings.catch_warnings(record=True) as caught:  # shown as one line each, not tracebacks
             warnings.simplefilter("always", UserWarning)
             out = interop.save_diffusers(model, args.dst, vae=args.vae, scheduler=args.scheduler,
-                                         class_names=names, overwrite=args.overwrite, metadata=meta)
+                                         class_names=names, overwrite=args.overwrite, metadata=meta,
+                                         card=card, files=files, publish=publish if repo else None)
         for w in caught:
             print(f"dits convert: warning: {w.message}", file=sys.stderr)
-        print(f"wrote DiTPipeline {out} ({info.get('weights', 'model')} weights of {info.get('source', args.src)})")
+        print(f"wrote DiTPipeline {out} ({info.get('weights', 'model')} weights of {info.get('source', args.src)})"
+              f"; model card {out / 'README.md'}")
+        if pushed:
+            print(f"pushed to {pushed[0]}")
         print(f"dits convert: {interop.FREQ_SHIFT_WARNING}", file=sys.stderr)
         return 0
 

@@ -35,6 +35,9 @@ HELP = {
     "keep_every": "with --keep-last: also keep every checkpoint whose step is a multiple of M",
     "compile": "auto | on | off: torch.compile the model (auto: runs long enough to repay it)",
     "grad_checkpoint": "true | false: recompute block activations in backward (less memory)",
+    "log": "tensorboard | wandb | none: logging sinks besides metrics.jsonl; repeat the flag or separate with "
+           "commas (tensorboard: RUN_DIR/tensorboard, extra dits[tb]; wandb: extra dits[wandb], WANDB_MODE=offline "
+           "works without an account); rank 0 only, --resume continues the same curves",
 }
 
 
@@ -71,6 +74,10 @@ def register(sub) -> None:
         default = f"default {field.default!r}"
         if name in digits and digits[name] != field.default:
             default = f"digits {digits[name]!r}, else {field.default!r}"
+        if name == "log":  # repeatable: --log tensorboard --log wandb, or --log tensorboard,wandb
+            p.add_argument("--log", dest=name, action="append", default=None, metavar="BACKEND",
+                           help=f"{HELP[name]} ({default})")
+            continue
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(ann), default=None,
                        help=f"{HELP.get(name, '')} ({default})".strip())
     p.set_defaults(func=run)
@@ -82,6 +89,8 @@ def run(args) -> int:
     from dits.train import train
 
     overrides = {k: getattr(args, k) for k in TrainConfig.fields()}
+    if overrides.get("log") is not None:
+        overrides["log"] = ",".join(overrides["log"])  # the repeated flags, as one value
     preset = args.preset
     if preset is None and not args.resume and (args.data is None or is_builtin(args.data)) and not args.latents:
         preset = args.data or "digits"  # a built-in set trains with its own preset

@@ -360,7 +360,8 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, scheduler: str = "ddim",
                    class_names: list[str] | None = None, overwrite: bool = False,
-                   dtype: torch.dtype | None = None, metadata: dict | None = None) -> Path:
+                   dtype: torch.dtype | None = None, metadata: dict | None = None, card: str | None = None,
+                   files: dict | None = None, publish=None) -> Path:
     """Write a ``DiTPipeline`` directory: ``transformer/``, ``scheduler/``, ``model_index.json``
     and, if ``vae`` is given, ``vae/``.
 
@@ -373,7 +374,11 @@ def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, schedule
 
     ``class_names`` (index -> name) become the pipeline's ``id2label``. ``dtype`` casts the
     saved weights (default: the model's). The directory is built next to ``out_dir`` and
-    moved into place when complete. ``metadata`` (JSON-able) is written to ``dits.json``.
+    moved into place when complete. ``metadata`` (JSON-able) is written to ``dits.json``,
+    ``card`` (text) to ``README.md`` (see :mod:`dits.interop.model_card`), and ``files``
+    ({name in the export: source path}) are copied in. ``publish(directory)``, if given, is called
+    on the complete directory before it is moved into place: when it raises (a failed upload),
+    nothing is left at ``out_dir``.
     """
     diffusers = _diffusers()
     out = Path(out_dir).expanduser()
@@ -420,6 +425,13 @@ def save_diffusers(model: DiT, out_dir: str | os.PathLike, *, vae=None, schedule
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if metadata is not None:
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+        from dits.fileio import atomic_write, write_text_atomic
+        if card is not None:
+            write_text_atomic(tmp / "README.md", card)
+        for name, src in (files or {}).items():
+            atomic_write(tmp / name, lambda t, src=src: shutil.copyfile(src, t))
+        if publish is not None:
+            publish(tmp)
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

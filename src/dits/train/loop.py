@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from dits.train.faults import NonFiniteGuard, Preemption, agree, injected_fault
 from dits.train.outputs import (LossAccumulator, check_out_dir, clear_run_dir, plot_losses, preview, progress_bar,
                                 to_yaml, truncate_log)
 from dits.train.retention import prune_checkpoints
+from dits.train.sinks import clear_sink_files, open_sinks, require_backends
 from dits.train.sources import StepRandomness, build_data
 
 
@@ -96,6 +96,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     differ from the built-in defaults count as given. ``overwrite`` lets ``cfg.out`` replace
     an existing run."""
     cfg.validate()
+    require_backends(cfg.log)  # --log tensorboard/wandb without its package: one line, nothing done
     typed = set(typed) if typed is not None else {k for k, v in cfg.to_dict().items() if v != getattr(TrainConfig, k)}
     ctx = setup_distributed(cfg.device)
     out = Path(cfg.out)
@@ -103,6 +104,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     if resume:
         cfg, state, changes = _resume(cfg, resume, typed)
         out, start = Path(cfg.out), int(state["step"])
+        require_backends(cfg.log)  # the run's own --log, when not typed again
     else:
         check_out_dir(out, overwrite)
         if cfg.init:
@@ -152,6 +154,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     if ctx.main:
         if overwrite and not resume:
             clear_run_dir(out)
+            clear_sink_files(out)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(cfg.to_dict()))
         truncate_log(out / "metrics.jsonl", start)
@@ -166,8 +169,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
             print(f"dits train: fine-tuning from {init.info['source']} ({init.info.get('weights')} weights"
                   + "".join(f"; {n}" for n in notes) + "), fresh optimiser, step 0", flush=True)
     sample_every = cfg.sample_every or cfg.ckpt_every
+    sinks = open_sinks(cfg.log, out, cfg.to_dict(), start, ctx.main)  # metrics.jsonl, --log backends
     bar = progress_bar(ctx.main and progress, start, cfg.steps)
-    logf = open(out / "metrics.jsonl", "a") if ctx.main else None
     acc, t_last, summary = LossAccumulator(), time.time(), {}
     guard = NonFiniteGuard(cfg.on_nonfinite, fp16=cfg.precision == "fp16")
     fault = injected_fault()  # tests only: a kill or preemption signal after a given step
@@ -221,8 +224,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                     rec = acc.pop(ctx, done, lr_at(cfg, step), time.time() - t_last, skipped=guard.skipped)
                     t_last = time.time()
                     if ctx.main:
-                        logf.write(json.dumps(rec, allow_nan=False) + "\n")
-                        logf.flush()
+                        sinks.log(rec)
                         if bar is not None and rec.get("loss") is not None:
                             bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
@@ -244,14 +246,14 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                     sampler_model = ema if not cfg.fsdp else full_copy(ema, lambda: build_model(cfg, channels, size, source.num_classes), ctx)
                     if ctx.main:
                         summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar)
+                        sinks.preview(done, summary)
                     ctx.barrier()
                 fault(done)
         finally:
             batches.close()  # stops the loader's workers now (they ignore SIGTERM: see sources.py)
             if bar is not None:
                 bar.close()
-            if logf is not None:
-                logf.close()
+            sinks.close()
     if ctx.main and "stopped_by" not in summary:
         summary = {"steps": cfg.steps, "run_dir": str(out), "skipped_steps": guard.skipped, **summary}
         write_json_atomic(out / "summary.json", summary)
