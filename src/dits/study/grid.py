@@ -60,7 +60,7 @@ GLYPHS_BUDGETS = {
               "sampling": {"smallest": (25, 250), "largest": (25,)}},
     "full": {"scaling": {"sizes": ("S", "B", "L", "XL"), "patches": (8, 4, 2), "steps": 3000},
              "blocks": {"size": "XL", "patch": 4, "steps": 3000},
-             "eval_every": 500, "eval_samples": 1000, "repeat": ("S-p4", "B-p4"),
+             "eval_every": 500, "eval_samples": 500, "repeat": ("S-p4", "B-p4"),
              "sampling": {"smallest": (25, 100, 250), "largest": (25, 100, 250)}},
 }
 BUDGETS = {"digits": DIGITS_BUDGETS, "glyphs": GLYPHS_BUDGETS}
