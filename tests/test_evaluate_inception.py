@@ -177,6 +177,116 @@ def test_pooling_branches_follow_the_tf_graph(net):
     torch.testing.assert_close(seen["7c"], F.max_pool2d(inputs["7c"], 3, 1, 1))
 
 
+# --------------------------------------------------------------------------- an independent forward
+# The TF graph's Inception-v3, written out here from its definition as a table of operations on a
+# plain dict of weights, in float64: conv -> BatchNorm (eps 1e-3) -> ReLU units with SAME padding
+# unless marked VALID, 3x3 stride-1 average pools that divide by the number of real pixels in the
+# window (computed here as a sum over a count), max pools, channel concatenation in branch order.
+_STEM = [("Conv2d_1a_3x3", 2, "valid"), ("Conv2d_2a_3x3", 1, "valid"), ("Conv2d_2b_3x3", 1, "same"), "maxpool_s2",
+         ("Conv2d_3b_1x1", 1, "valid"), ("Conv2d_4a_3x3", 1, "valid"), "maxpool_s2"]
+# per block kind: branches, each a list of steps; a step is a unit name (stride 1, SAME), (unit, 2)
+# for a stride-2 VALID unit, or a pool
+_BRANCHES = {
+    "A": [["branch1x1"], ["branch5x5_1", "branch5x5_2"], ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"],
+          ["avgpool", "branch_pool"]],
+    "B": [[("branch3x3", 2)], ["branch3x3dbl_1", "branch3x3dbl_2", ("branch3x3dbl_3", 2)], ["maxpool_s2"]],
+    "C": [["branch1x1"], ["branch7x7_1", "branch7x7_2", "branch7x7_3"],
+          ["branch7x7dbl_1", "branch7x7dbl_2", "branch7x7dbl_3", "branch7x7dbl_4", "branch7x7dbl_5"],
+          ["avgpool", "branch_pool"]],
+    "D": [["branch3x3_1", ("branch3x3_2", 2)],
+          ["branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", ("branch7x7x3_4", 2)], ["maxpool_s2"]],
+}
+_BLOCKS = [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", "B"), ("Mixed_6b", "C"),
+           ("Mixed_6c", "C"), ("Mixed_6d", "C"), ("Mixed_6e", "C"), ("Mixed_7a", "D"), ("Mixed_7b", "E avg"),
+           ("Mixed_7c", "E max")]
+
+
+def _ref_unit(sd, name, x, stride=1, same=True):
+    w = sd[f"{name}.conv.weight"].double()
+    pad = (w.shape[2] // 2, w.shape[3] // 2) if same else 0
+    x = F.conv2d(x, w, stride=stride, padding=pad)
+    bn = {k: sd[f"{name}.bn.{k}"].double()[None, :, None, None]
+          for k in ("weight", "bias", "running_mean", "running_var")}
+    x = (x - bn["running_mean"]) / torch.sqrt(bn["running_var"] + 1e-3) * bn["weight"] + bn["bias"]
+    return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+def _ref_avgpool(x):
+    """3x3, stride 1, zero padding 1, divided by how many of the 9 window pixels are real."""
+    ones = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype)
+    box = torch.ones(1, 1, 3, 3, dtype=x.dtype)
+    count = F.conv2d(ones, box, padding=1)
+    total = F.conv2d(x.reshape(-1, 1, *x.shape[2:]), box, padding=1).reshape(x.shape)
+    return total / count
+
+
+def _ref_maxpool(x, stride, pad):
+    x = F.pad(x, (pad,) * 4, value=float("-inf"))
+    return x.unfold(2, 3, stride).unfold(3, 3, stride).amax(dim=(-1, -2))
+
+
+def _ref_step(sd, block, step, x):
+    if step == "avgpool":
+        return _ref_avgpool(x)
+    if step == "maxpool":
+        return _ref_maxpool(x, 1, 1)
+    if step == "maxpool_s2":
+        return _ref_maxpool(x, 2, 0)
+    if isinstance(step, tuple):
+        return _ref_unit(sd, f"{block}.{step[0]}", x, stride=step[1], same=False)
+    return _ref_unit(sd, f"{block}.{step}", x)
+
+
+def _ref_block(sd, block, kind, x):
+    if kind.startswith("E"):  # 1x1; 1x1 -> (1x3 | 3x1); 1x1 -> 3x3 -> (1x3 | 3x1); pool -> 1x1
+        u = lambda n, v: _ref_unit(sd, f"{block}.{n}", v)  # noqa: E731
+        b3, bd = u("branch3x3_1", x), u("branch3x3dbl_2", u("branch3x3dbl_1", x))
+        pooled = _ref_avgpool(x) if kind == "E avg" else _ref_maxpool(x, 1, 1)
+        return torch.cat([u("branch1x1", x), u("branch3x3_2a", b3), u("branch3x3_2b", b3),
+                          u("branch3x3dbl_3a", bd), u("branch3x3dbl_3b", bd), u("branch_pool", pooled)], 1), None
+    outs = []
+    for branch in _BRANCHES[kind]:
+        v = x
+        for step in branch:
+            v = _ref_step(sd, block, step, v)
+        outs.append(v)
+    return torch.cat(outs, 1), outs[0]
+
+
+def reference_inception(sd, x299):
+    """pool3, spatial (first 7 channels of Mixed_6d's 1x1 branch, row/column/channel order) and
+    logits of the TF graph on an already resized N x 3 x S x S input in [-1, 1], in float64."""
+    x = x299.double()
+    for step in _STEM:
+        x = _ref_maxpool(x, 2, 0) if step == "maxpool_s2" else _ref_unit(sd, step[0], x, step[1], step[2] == "same")
+    spatial = None
+    for block, kind in _BLOCKS:
+        x, first = _ref_block(sd, block, kind, x)
+        if block == "Mixed_6d":
+            spatial = first[:, :7].permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    pool3 = x.mean(dim=(2, 3))
+    logits = pool3 @ sd["fc.weight"].double().T + sd["fc.bias"].double()
+    return pool3, spatial, logits
+
+
+def test_forward_equals_the_graph_written_out_in_float64(net, state_dict, monkeypatch):
+    """The whole forward (pytorch-fid input mode) against the reference above. The resize target
+    is made 139 px instead of 299 to keep this fast; every block still sees more than 1x1
+    (Mixed_7b/7c run at 3x3), so every pooling choice and padding rule shows."""
+    from dits.evaluate import inception
+
+    monkeypatch.setattr(inception, "RESIZE_TO", 139)
+    x = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = net(x)
+    resized = 2 * F.interpolate(x.double(), size=(139, 139), mode="bilinear", align_corners=False) - 1
+    pool3, spatial, logits = reference_inception(state_dict, resized)
+    assert spatial.shape == (2, 7 * 7 * 7) and pool3.std(dim=0).mean() > 1e-3  # the two images do differ
+    torch.testing.assert_close(out["pool3"].double(), pool3, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["spatial"].double(), spatial, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["logits"].double(), logits, rtol=1e-4, atol=1e-4)
+
+
 def test_grey_input_is_treated_as_rgb(net):
     x = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

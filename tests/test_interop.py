@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (a hard dependency: a broken install fails here, it is not skipped)
 
 from dits.errors import UserError  # noqa: E402
 from dits.interop.diffusers import (FREQ_SHIFT_WARNING, from_diffusers, load_exact_diffusers,  # noqa: E402

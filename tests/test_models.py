@@ -152,10 +152,24 @@ def test_cfg_scale_one_equals_conditional_output_and_guides_eps_only():
     assert torch.allclose(quirk[:3, :2], out[:3, :2]) and torch.equal(quirk[:, 2:], cond[:, 2:])
 
 
-def test_dtype_bf16_forward():
-    m = randomize(tiny()).to(torch.bfloat16)
-    out = m(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), torch.tensor([1, 2]), torch.tensor([0, 1]))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.03), (torch.float16, 0.006)])
+def test_low_precision_forward_is_the_fp32_function(dtype, tol):
+    """The model cast to bf16 / fp16 computes the fp32 function within that format's precision:
+    max error relative to the output's scale under ~8 (bf16) or ~11 (fp16) bits of mantissa."""
+    import _reference_dit as official
+
+    m = randomize(tiny()).eval()
+    ref = official.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_classes=5)
+    ref.load_state_dict(m.state_dict())  # the independent reference's forward, in float64
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([1, 2, 300, 999]), torch.tensor([0, 1, 4, 5])
+    with torch.no_grad():
+        want = ref.double()(x.double(), t, y)
+        torch.testing.assert_close(m(x, t, y).double(), want, rtol=1e-4, atol=1e-5)  # fp32 itself
+        low = m.to(dtype)(x.to(dtype), t, y)
+    assert low.dtype == dtype
+    err = float((low.double() - want).abs().max() / want.abs().max())
+    assert err < tol, err
 
 
 # ----------------------------------------------------------------- reference layout

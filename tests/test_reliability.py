@@ -167,12 +167,38 @@ def test_init_cli_starts_fresh_from_the_weights(base_run, tmp_path, capsys):
 
 def test_readme_fine_tuning_example(base_run, tmp_path, capsys):
     """README's small example: fine-tune a digits run with another recipe (same command shape)."""
+    import yaml
+
     base = tmp_path / "digits"
     assert main(["train", *TINY_FLAGS, "--steps", "2", "--out", str(base), "--no-progress"]) == 0
-    assert main(["train", "--init", str(base), "--out", str(tmp_path / "digits-ft"), "--steps", "2", "--lr", "5e-4",
+    ft = tmp_path / "digits-ft"
+    assert main(["train", "--init", str(base), "--out", str(ft), "--steps", "2", "--lr", "5e-4",
                  "--sampler", "ddim", "--sample-steps", "2", "--eval-samples", "0", "--samples-per-class", "1",
-                 "--batch-size", "16", "--no-progress"]) == 0
-    assert (tmp_path / "digits-ft/checkpoints/0000002.pt").is_file()
+                 "--batch-size", "16", "--ckpt-every", "1", "--log-every", "1", "--no-progress"]) == 0
+    assert (ft / "checkpoints/0000002.pt").is_file()
+    # the run records where it started and the new recipe
+    cfg = yaml.safe_load((ft / "config.yaml").read_text())
+    ck = load_checkpoint(ft / "checkpoints/0000001.pt")
+    assert cfg["init"] == ck["train_config"]["init"] == str(base) and cfg["lr"] == ck["train_config"]["lr"] == 5e-4
+    warm = cfg["warmup_steps"]
+    lr0 = 5e-4 * min(1, 1 / warm) if warm else 5e-4  # the linear warm-up's first step
+    log = strict_json_lines(ft / "metrics.jsonl")
+    assert log[0]["step"] == 1 and log[0]["lr"] == pytest.approx(lr0)
+    # ... and it started from the base run's EMA weights: undo AdamW's first step, theta_1 = theta_0 -
+    # lr0 * m_hat / (sqrt(v_hat) + eps) with m_hat = exp_avg / 0.1, v_hat = exp_avg_sq / 0.001
+    start = load_checkpoint(base / "checkpoints/0000002.pt")
+    assert cfg["weight_decay"] == 0
+    moved = 0
+    for name, st in ck["opt"]["state"].items():
+        m_hat, v_hat = st["exp_avg"].double() / 0.1, st["exp_avg_sq"].double() / 0.001
+        theta0 = ck["model"][name].double() + lr0 * m_hat / (v_hat.sqrt() + 1e-8)
+        torch.testing.assert_close(theta0, start["ema"][name].double(), rtol=0, atol=2e-7, msg=name)
+        moved += int((ck["model"][name] != start["ema"][name]).sum())
+        # the initial copy is the EMA, not the raw weights (they differ where the base run moved)
+        if name == "final_layer.linear.weight":
+            assert (start["model"][name] - start["ema"][name]).abs().max() > 1e-5
+    assert moved > 0
+    assert torch.equal(ck["model"]["pos_embed"], start["ema"]["pos_embed"])
 
 
 def test_messages_are_shortened_at_a_word_boundary():

@@ -236,8 +236,12 @@ def test_blocks_and_sampling_verdicts(tmp_path):
     assert v["verdict"] == "reproduced" and v["order"] == list(paper)
     assert sorted(r["model"] for r in rep["rows"]) == sorted(f"B/2 {b}" for b in paper)
     runs = report.read_study(tmp_path, "blocks", "quick")
-    recs = [{"cell": runs[0].name, "steps": 250, "fd": 0.9}, {"cell": runs[-1].name, "steps": 25, "fd": 0.5}]
-    assert report.verdict_sampling(recs, runs)["verdict"] in ("reproduced", "not reproduced")
+    small, large = min(runs, key=lambda r: r.gflops), max(runs, key=lambda r: r.gflops)  # finding 4 pins both ways
+    sampling = lambda fd_s, fd_l, steps=(250, 25): report.verdict_sampling(  # noqa: E731
+        [{"cell": small.name, "steps": steps[0], "fd": fd_s},
+         {"cell": large.name, "steps": steps[1], "fd": fd_l}], runs)["verdict"]
+    assert small.gflops < large.gflops and sampling(0.9, 0.5) == "reproduced"  # 10x the steps, still behind
+    assert sampling(0.4, 0.5) == "not reproduced" and sampling(0.9, 0.5, (100, 25)).startswith("inconclusive")
 
 
 # ------------------------------------------------------------------ commands and bad input

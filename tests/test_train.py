@@ -93,10 +93,35 @@ def test_run_directory_contents(tmp_path):
     ck = load_checkpoint(tmp_path / "checkpoints/0000010.pt")  # weights_only load
     assert {"model", "ema", "opt", "step", "train_config", "model_config", "rng"} <= set(ck)
     m = summary["digits_metric"]
-    assert m["n"] == 20 and 0 <= m["accuracy"] <= 1
+    # the metric's 20 samples again, from the final EMA weights with the preview's settings (balanced
+    # labels, seed + 10,000): its accuracies are the agreement of the MLP and of an RBF SVC fitted here
+    # on all real digits with the labels asked for
     from PIL import Image
-    grid = Image.open(tmp_path / "samples_0000010.png")
-    assert grid.size[1] >= 10 * 64  # one upscaled row per class
+    from sklearn.svm import SVC
+
+    from dits.evaluate.digits import SVC_C, SVC_GAMMA, load_classifier, real_digits, to_inputs
+    from dits.models import DiT
+    from dits.models.configs import DiTConfig
+    from dits.sample import generate
+
+    cfg = ck["train_config"]
+    ema = DiT(DiTConfig(**ck["model_config"]))
+    ema.load_state_dict(ck["ema"])
+    settings = dict(sampler=cfg["sampler"], steps=cfg["sample_steps"], cfg_scale=cfg["cfg_scale"])
+    imgs, labs = generate(ema, 20, seed=cfg["seed"] + 10_000, **settings)
+    assert m["n"] == 20 and labs.tolist() == [i % 10 for i in range(20)]
+    x = to_inputs(imgs)
+    assert m["accuracy"] == pytest.approx(float((load_classifier().predict(x) == labs).mean()))
+    real, real_labels = real_digits()
+    svc = SVC(kernel="rbf", gamma=SVC_GAMMA, C=SVC_C).fit(to_inputs(real), real_labels)
+    assert m["svc_accuracy"] == pytest.approx(float((svc.predict(x) == labs).mean()))
+    # the preview grid: one row per class (samples_per_class = 1 column), 8x8 upscaled to 64x64 cells
+    grid = np.asarray(Image.open(tmp_path / "samples_0000010.png"))
+    preview, _ = generate(ema, 10, labels=torch.arange(10), seed=cfg["seed"], **settings)
+    assert grid.shape == (10 * 65 + 1, 65 + 1)
+    for r in range(10):
+        cell = grid[1 + 65 * r:65 * (r + 1), 1:65]
+        np.testing.assert_array_equal(cell, np.kron(preview[r, :, :, 0], np.ones((8, 8))))
 
 
 def test_data_order_is_a_permutation_per_epoch():

@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (a hard dependency: a broken install fails here, it is not skipped)
 
 from dits.errors import UserError  # noqa: E402
 from dits.vae import (IdentityAutoencoder, LatentAutoencoder, check_latent_channels,  # noqa: E402
