@@ -2,11 +2,11 @@
 
     python benchmarks/bench_samplers.py [--quick] [--samples N] [--seed S]
 
-See dits.diffusion.benchmark for the method and docs/diffusion.md for a recorded run.
+See dits.bench.samplers for the method and docs/diffusion.md for a recorded run.
 """
 import sys
 
-from dits.diffusion.benchmark import main
+from dits.bench.samplers import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,6 @@
-"""A/B of the CPU fp32 training step with the oneDNN training GEMMs (dits.speed.linear's
-default) against F.linear (MKL), alternating the two in one process; medians of rounds.
+"""A/B of the CPU fp32 training step with the oneDNN training GEMMs (plan eager+onednn+sdpa)
+against F.linear (MKL, plan eager+mkl+sdpa), alternating the two in one process; medians of rounds.
+`dits bench train --plan all` does the same in separate processes, with the other candidates.
 
     PYTHONPATH=src python benchmarks/linear_path_ab.py s2|digits [rounds]
 """
@@ -9,7 +10,6 @@ import time
 
 import torch
 
-from dits import speed
 from dits.bench import Setup, dits_train_step
 
 torch.set_num_threads(2)
@@ -20,26 +20,15 @@ if which == "s2":
                    num_classes=1000, batch=8, compile="off"), 2
 else:
     s, per = Setup(compile="off"), 20
-fast_applies, mode = speed._onednn_applies, {"path": "onednn"}
-
-
-def applies(x, w):  # "mkl": the autograd path falls back to F.linear
-    if mode["path"] == "mkl" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return False
-    return fast_applies(x, w)
-
-
-speed._onednn_applies = applies
 steps = {}
-for path in ("mkl", "onednn"):
-    mode["path"] = path
+for path in ("mkl", "onednn"):  # the two eager plans (dits.plan) that differ only in the GEMM backend
+    s.plan = f"eager+{path}+sdpa"
     steps[path] = dits_train_step(s)[0]
     for _ in range(2):
         steps[path]()
 times = {k: [] for k in steps}
 for _ in range(rounds):
     for path, fn in steps.items():
-        mode["path"] = path
         t0 = time.perf_counter()
         for _ in range(per):
             fn()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dits.cli import main
-from dits.diffusion import benchmark
+from dits.bench import samplers as benchmark
 from dits.diffusion.oracle import gaussian_oracle
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dits import flow
-from dits.diffusion.benchmark import stratified_normal, wasserstein1
+from dits.bench.samplers import stratified_normal, wasserstein1
 from dits.flow import FlowMixtureOracle
 from dits.objectives import count_nfe, create_objective
 

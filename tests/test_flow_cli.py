@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dits.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model
-from dits import flow_bench as bench
+from dits.bench import flow as bench
 from dits.cli import main
 from dits.config import resolve_config
 from dits.objectives import objective_of

@@ -33,6 +33,7 @@ from dits.errors import UserError, first_line
 from dits.fileio import atomic_write
 from dits.models import DiT, DiTConfig
 from dits.models.configs import SIZES, canonical_name
+from dits.models.registry import build, config_from_dict, describe
 
 FORMAT = "dits"
 CKPT_DIR = "checkpoints"
@@ -176,7 +177,7 @@ def _from_file(file: Path, model_name: str | None, use_ema: bool) -> Weights:
     info = {"source": str(file), "step": obj.get("step"), "train_config": obj.get("train_config"),
             "vae_spec": obj.get("vae_spec"), "objective": obj.get("objective")}  # see dits.objectives.objective_of
     if obj.get("format") == FORMAT:
-        cfg = DiTConfig.from_dict(obj["model_config"])
+        cfg = config_from_dict(obj["model_config"])  # the backbone it names (dits.models.registry); none: a DiT
         key = "ema" if use_ema and obj.get("ema") is not None else "model"
         sd = obj[key]
     elif "model" in obj and isinstance(obj["model"], dict) and "pos_embed" in obj["model"]:
@@ -300,11 +301,11 @@ def load_model(path: str | Path, model_name: str | None = None, use_ema: bool = 
     ``train_config`` (when known), ``vae_spec`` and ``weights`` ("ema" or "model").
     """
     w = resolve_weights(path, model_name, use_ema)
-    model = DiT(w.config)
+    model = build(w.config)  # a DiT, or the backbone the checkpoint names
     try:
         model.load_state_dict(w.state_dict, strict=True)
     except RuntimeError as e:
         cfg = w.config
-        raise UserError(f"{w.info['source']} does not match model {cfg.depth}x{cfg.hidden_size}/{cfg.patch_size}: "
+        raise UserError(f"{w.info['source']} does not match model {describe(cfg)}: "
                         f"{first_line(e, 160)}") from None
     return model.eval(), w.info

@@ -34,12 +34,22 @@ class TrainConfig:
     patch_size: int | None = None
     block: str = "adaln-zero"
     learn_sigma: bool | None = None   # None: automatic per objective (diffusion: on, as DiT; flow: off)
-    class_dropout_prob: float = 0.1
+    class_dropout_prob: float = 0.1   # also the caption dropout of text runs (to the null caption)
     init: str | None = None           # fine-tune from these weights: run dir, .pt, .safetensors, diffusers dir, Hub id
+    backbone: str = "dit"             # dit | unet (diffusers' UNet2DModel, ADM-style; dits.models.registry)
+    unet_channels: str | None = None  # --backbone unet: width per level, e.g. "32,64" (default 64,128,128)
+    unet_layers: int | None = None    # --backbone unet: residual blocks per level (default 2)
+    # ---- text conditioning (docs/text.md); None: class labels from the data
+    text_encoder: str | None = None   # learned (trained with the DiT) | a CLIP/T5 Hub id or directory (frozen)
+    captions: str | None = None       # FILE.jsonl or built-in "digits"; default: FOLDER/metadata.jsonl or the cache's
+    max_text_tokens: int | None = None  # caption tokens; default: learned: the longest caption; frozen: 77
+    text_adaln: str = "both"          # adaln/adaln-zero with text: pooled | cross-attn (PixArt) | both
     # ---- diffusion
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
     objective: str = "diffusion"      # diffusion (DiT) | flow (linear interpolant, velocity; docs/flow.md)
+    loss_weighting: str = "uniform"   # uniform (the paper) | min-snr[:GAMMA] (Min-SNR-γ on L_simple; docs/convergence.md)
+    t_sampling: str = "uniform"       # uniform | logit-normal[:M,S] (flow only: t = sigmoid(M + S·z))
     # ---- optimisation (the paper's recipe)
     steps: int = 400_000
     batch_size: int = 256             # global, over all processes
@@ -73,6 +83,7 @@ class TrainConfig:
     log: str = "none"                 # extra logging sinks besides metrics.jsonl: tensorboard, wandb (comma-separated) | none
     # ---- speed (dits.speed decides the kernels; these only say what the user asked for)
     compile: str = "auto"             # auto | on | off: torch.compile the model (auto: where it pays back)
+    plan: str = "auto"                # auto (measured: dits.plan) | a plan name such as eager+onednn+sdpa
     grad_checkpoint: bool = False     # recompute each block's activations in backward: less memory, ~1/3 more compute
 
     def validate(self) -> "TrainConfig":
@@ -85,7 +96,9 @@ class TrainConfig:
         _choice("on-nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("block", self.block, tuple(BLOCKS))
         _choice("noise-schedule", self.noise_schedule, ("linear", "cosine"))
-        if canonical_name(self.model) not in (*MODEL_NAMES, "DiT"):
+        from dits.models.registry import check_train_config
+        check_train_config(self)  # the backbone, and no flag of another backbone
+        if self.backbone == "dit" and canonical_name(self.model) not in (*MODEL_NAMES, "DiT"):
             raise UserError(f"unknown model {self.model!r}; valid names: {', '.join(MODEL_NAMES)}, "
                             "or DiT with --depth/--hidden-size/--num-heads/--patch-size")
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "sample_steps", "samples_per_class",
@@ -111,6 +124,8 @@ class TrainConfig:
             raise UserError(f"the built-in {self.data} train in pixel space; drop --vae (or pass --data FOLDER)")
         _choice("lr-schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("compile", self.compile, ("auto", "on", "off"))
+        from dits.plan import check_plan_name
+        check_plan_name(self.plan)
         if not isinstance(self.grad_checkpoint, bool):
             raise UserError(f"--grad-checkpoint must be true or false, got {self.grad_checkpoint!r}")
         self._validate_objective()
@@ -122,9 +137,17 @@ class TrainConfig:
         from dits.objectives import check_sampler, resolve_learn_sigma
 
         resolve_learn_sigma(self.objective, self.learn_sigma)
+        from dits.training_options import parse_loss_weighting, parse_t_sampling
+        parse_loss_weighting(self.loss_weighting)
+        parse_t_sampling(self.t_sampling, self.objective)
         if self.sampler is not None:
             check_sampler(self.objective, self.sampler)
         parse_interval(self.guidance_interval)
+        from dits.models.configs import TEXT_ADALN
+        from dits.text.training import check_text_config
+
+        _choice("text-adaln", self.text_adaln, TEXT_ADALN)
+        check_text_config(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,12 +204,15 @@ ON_RESUME = {
     # model and objective
     "model": FIXED, "depth": FIXED, "hidden_size": FIXED, "num_heads": FIXED, "patch_size": FIXED,
     "block": FIXED, "learn_sigma": FIXED, "class_dropout_prob": FIXED, "init": FIXED,
+    "backbone": FIXED, "unet_channels": FIXED, "unet_layers": FIXED,
+    "text_encoder": FIXED, "captions": FIXED, "max_text_tokens": FIXED, "text_adaln": FIXED,
     "diffusion_steps": FIXED, "noise_schedule": FIXED, "objective": FIXED,
+    "loss_weighting": FIXED, "t_sampling": FIXED,   # what each step optimises: part of the trajectory
     # optimisation: the batch and the randomness are the trajectory; the update rule may change
     "batch_size": FIXED, "seed": FIXED,
     "steps": CHANGE, "lr": CHANGE, "lr_schedule": CHANGE, "weight_decay": CHANGE, "warmup_steps": CHANGE,
     "grad_clip": CHANGE, "ema_decay": CHANGE, "ema_warmup": CHANGE, "precision": CHANGE, "on_nonfinite": CHANGE,
-    "compile": CHANGE, "grad_checkpoint": CHANGE,
+    "compile": CHANGE, "plan": CHANGE, "grad_checkpoint": CHANGE,
     # bookkeeping, previews, processes
     "out": CHANGE, "log_every": CHANGE, "ckpt_every": CHANGE, "sample_every": CHANGE, "sampler": CHANGE,
     "sample_steps": CHANGE, "cfg_scale": CHANGE, "guidance_interval": CHANGE, "samples_per_class": CHANGE,
@@ -256,6 +282,8 @@ def resolve_config(preset: str | None = None, overrides: dict | None = None) -> 
         values.update(_sections(data).get(objective, {}))
     typed = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(typed)
+    from dits.models.registry import resolve_train_values
+    values = resolve_train_values(values, typed)  # a preset's DiT size is not a U-Net's; a typed one is refused
     if values.get("vae") and "vae" not in typed and _is_builtin(values.get("data", "digits")) \
             and not values.get("latents"):
         # the preset's VAE, not the user's: say what is really missing

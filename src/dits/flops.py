@@ -10,12 +10,18 @@ softmax) and embedding look-ups are free, as in fvcore.
 The count is exact arithmetic on the shapes seen in one forward pass of a single image
 (taken with hooks on a model built on the ``meta`` device, so DiT-XL/2 costs nothing to
 count), not a timing.
+
+Text models (docs/text.md) are counted with a caption of ``text_tokens`` real tokens: the
+caption projection, the pooled vector, the text path of each block and, for the learned
+encoder, the encoder itself. A frozen CLIP/T5 runs outside the model (once per caption, or
+never when its embeddings are cached) and is not counted.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from dits.errors import UserError
 from dits.models import DiT, create_model
 from dits.models.blocks import Attention, CrossAttention, Linear
 
@@ -29,11 +35,12 @@ def _attention_macs(module: nn.Module, inputs: tuple) -> int:
     return 2 * n * t_q * t_k * d  # q k^T and attn @ v
 
 
-def count_flops(model: DiT, input_size: int | None = None) -> int:
+def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | None = None) -> int:
     """Forward MACs for one image (batch of 1) of ``model``.
 
     ``input_size`` counts the same architecture at another latent size (a copy is built on
-    the meta device; the model itself is untouched).
+    the meta device; the model itself is untouched). ``text_tokens`` (text models only) is the
+    caption length counted, default the model's ``text_tokens``.
     """
     cfg = model.config
     if input_size is not None and input_size != cfg.input_size:
@@ -70,10 +77,22 @@ def count_flops(model: DiT, input_size: int | None = None) -> int:
         x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
         t = torch.zeros(1, device=device)
         y = torch.zeros(1, dtype=torch.long, device=device) if cfg.num_classes > 0 else None
+        text = {}
+        if cfg.text:
+            n_text = int(text_tokens or cfg.text_tokens)
+            if n_text < 1:
+                raise UserError(f"text tokens must be >= 1, got {n_text}")
+            if cfg.text_encoder == "learned":  # ids >= 2: real words
+                text = {"text": torch.full((1, n_text), 2, dtype=torch.long, device=device)}
+            else:
+                text = {"text": torch.zeros(1, n_text, cfg.text_dim, device=device)}
+            text["text_mask"] = torch.ones(1, n_text, dtype=torch.bool, device=device)
+        elif text_tokens:
+            raise UserError("text tokens are counted for text models only (give a text encoder)")
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(x, t, y)
+            model(x, t, y, **text)
         model.train(was_training)
     finally:
         for h in handles:
@@ -81,9 +100,9 @@ def count_flops(model: DiT, input_size: int | None = None) -> int:
     return total
 
 
-def count_gflops(model: DiT, input_size: int | None = None) -> float:
+def count_gflops(model: DiT, input_size: int | None = None, text_tokens: int | None = None) -> float:
     """Gflops (forward MACs / 1e9, one image) in the paper's convention."""
-    return count_flops(model, input_size) / 1e9
+    return count_flops(model, input_size, text_tokens) / 1e9
 
 
 def count_params(model: nn.Module) -> int:
@@ -91,13 +110,36 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_table(names=None, **overrides) -> list[dict]:
-    """[{model, params, gflops}] for the named models (default: the paper's twelve)."""
+def flops_table(names=None, text_tokens: int | None = None, text_encoder: str | None = None,
+                text_dim: int | None = None, **overrides) -> list[dict]:
+    """[{model, params, gflops}] for the named models (default: the paper's twelve).
+
+    ``text_tokens`` counts text models with captions of that many tokens: ``text_encoder``
+    "frozen" (default; features of width ``text_dim``, default 4096 as T5-XXL's in PixArt-alpha,
+    the encoder itself not counted) or "learned" (width ``text_dim``, default the model's, and
+    counted; a placeholder vocabulary of 1,000 words for the parameter count)."""
     from dits.models import MODEL_NAMES
 
+    text = {}
+    if text_tokens is not None or text_encoder is not None or text_dim is not None:
+        if text_tokens is None or int(text_tokens) < 1:
+            raise UserError(f"--text-tokens must be >= 1 to count a text model, got {text_tokens}")
+        kind = text_encoder or "frozen"
+        if kind not in ("frozen", "learned"):
+            raise UserError(f"--text-encoder for counting is frozen or learned, got {kind!r}")
+        text = dict(text_encoder="learned" if kind == "learned" else "frozen", text_tokens=int(text_tokens),
+                    num_classes=0, text_vocab=[f"w{i}" for i in range(998)] if kind == "learned" else None)
+        if text_dim is not None:
+            text["text_dim"] = int(text_dim)
+        elif kind == "frozen":
+            text["text_dim"] = 4096
     rows = []
     for name in names or MODEL_NAMES:
+        extra = dict(text)
+        if text and "text_dim" not in extra:  # learned: the model's own width
+            with torch.device("meta"):
+                extra["text_dim"] = create_model(name, **{**overrides, "num_classes": 0}).config.hidden_size
         with torch.device("meta"):
-            model = create_model(name, **overrides)
+            model = create_model(name, **{**overrides, **extra})
         rows.append({"model": name, "params": count_params(model), "gflops": count_gflops(model)})
     return rows

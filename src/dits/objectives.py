@@ -22,6 +22,7 @@ from dits.diffusion.sampling import evaluation_timesteps
 from dits.diffusion.schedule import Schedule
 from dits.errors import UserError
 from dits import flow
+from dits.training_options import LossWeighting, TSampling, parse_loss_weighting, parse_t_sampling
 
 OBJECTIVES = ("diffusion", "flow")
 SAMPLERS = {"diffusion": DIFFUSION_SAMPLERS, "flow": flow.FLOW_SAMPLERS}
@@ -68,38 +69,61 @@ def objective_of(info: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------- training
+def _weighted(terms: dict, w: torch.Tensor | None) -> dict:
+    """``loss`` with L_simple weighted per sample (``mse`` stays the plain L_simple, for the logs)."""
+    if w is None:
+        return terms
+    w = w.to(terms["mse"].device, terms["mse"].dtype)
+    terms["loss"] = w * terms["mse"] + (terms["vb"] if "vb" in terms else 0.0)
+    return terms
+
+
 class DiffusionObjective:
     """DiT's Gaussian diffusion: integer t uniform over the T steps, L_simple (+ L_vlb)."""
     name = "diffusion"
 
-    def __init__(self, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True):
+    def __init__(self, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True,
+                 weighting: LossWeighting = LossWeighting()):
         self.diffusion = create_diffusion("", noise_schedule=noise_schedule, learn_sigma=learn_sigma,
                                           diffusion_steps=diffusion_steps)
+        self.weighting = weighting
 
     def draw_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator)
 
     def training_losses(self, model, x0, t, model_kwargs=None, noise=None) -> dict:
-        return self.diffusion.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
+        terms = self.diffusion.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
+        return _weighted(terms, self.weighting.diffusion(self.diffusion.alphas_cumprod, t))
 
 
 class FlowObjective:
-    """Flow matching with the linear interpolant: continuous t ~ U[0, 1], velocity MSE."""
+    """Flow matching with the linear interpolant: t ~ U[0, 1] (or logit-normal), velocity MSE."""
     name = "flow"
 
+    def __init__(self, weighting: LossWeighting = LossWeighting(), t_sampling: TSampling = TSampling()):
+        self.weighting, self.t_sampling = weighting, t_sampling
+
     def draw_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.rand(n, generator=generator)
+        if self.t_sampling.kind == "uniform":
+            return torch.rand(n, generator=generator)
+        return self.t_sampling.draw(n, generator)
 
     def training_losses(self, model, x0, t, model_kwargs=None, noise=None) -> dict:
-        return flow.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
+        terms = flow.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
+        return _weighted(terms, self.weighting.flow(t))
 
 
 def create_objective(name: str, *, noise_schedule: str = "linear", diffusion_steps: int = 1000,
-                     learn_sigma: bool | None = None):
+                     learn_sigma: bool | None = None, loss_weighting: str | None = None,
+                     t_sampling: str | None = None):
+    """The objective; ``loss_weighting`` / ``t_sampling`` are the --loss-weighting / --t-sampling specs
+    (None or "uniform": the paper's step, bit for bit)."""
     learn_sigma = resolve_learn_sigma(name, learn_sigma)
+    weighting = parse_loss_weighting(loss_weighting)
+    sampling = parse_t_sampling(t_sampling, name)
     if name == "flow":
-        return FlowObjective()
-    return DiffusionObjective(noise_schedule, diffusion_steps, learn_sigma)
+        return FlowObjective(weighting, sampling)
+    return DiffusionObjective(noise_schedule, diffusion_steps, learn_sigma, weighting)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -36,7 +36,8 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
              cfg_scale: float = 1.0, guided_channels: int | None = None, seed: int = 0, batch_size: int = 256,
              vae=None, clip_denoised: bool | None = None, diffusion_steps: int = 1000,
              noise_schedule: str = "linear", device=None, progress: bool = False, objective: str = "diffusion",
-             guidance_interval: tuple[float, float] | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+             guidance_interval: tuple[float, float] | str | None = None, prompts=None,
+             max_text_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``n`` samples; returns (uint8 images N x H x W x C, int64 labels N).
 
     Sample i uses seed ``seed + i``, so it does not depend on the batch size. Without
@@ -45,6 +46,11 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     DiT). ``objective`` ("diffusion" or "flow", see :mod:`dits.objectives`) picks the sampler
     family; ``guidance_interval=(lo, hi)`` guides only at noise levels in [lo, hi] (flow time
     t; for diffusion the t with the same signal-to-noise ratio).
+
+    Text models take ``prompts`` (a list of strings) instead: the returned labels (and ``labels``,
+    if given) are prompt indices, balanced over the prompts by default, and guidance runs each
+    prompt against the null caption. ``max_text_tokens`` overrides the model's caption length
+    (docs/text.md).
     """
     from dits.objectives import check_sampler, sample as objective_sample
     from dits.diffusion.guidance import parse_interval
@@ -54,6 +60,17 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
 
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    text_model = bool(getattr(getattr(model, "config", None), "text", False))
+    if prompts is not None or text_model:
+        from dits.text.prompts import PromptConditioned
+
+        if not text_model:
+            kind = "class-conditional: pass class labels" if model.num_classes else "unconditional"
+            raise UserError(f"this model is not text-conditional ({kind}); it takes no prompts")
+        if prompts is None or isinstance(prompts, str) or len(prompts) == 0:
+            raise UserError("this model is text-conditional: pass prompts (dits sample --prompt TEXT or --prompts "
+                            "FILE), not class labels")
+        model = PromptConditioned(model, prompts, max_text_tokens, device).eval()  # prompt i = label i
     k = model.num_classes
     if labels is None:
         labels = balanced_labels(n, k) if k > 0 else None
@@ -64,7 +81,8 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
         if labels.numel() != n:
             raise UserError(f"{labels.numel()} labels for {n} samples")
         if labels.min() < 0 or labels.max() >= k:
-            raise UserError(f"class labels must be in 0..{k - 1}, got {int(labels.min())}..{int(labels.max())}")
+            what = "prompt indices" if text_model else "class labels"
+            raise UserError(f"{what} must be in 0..{k - 1}, got {int(labels.min())}..{int(labels.max())}")
     if k == 0 and cfg_scale != 1:
         raise UserError("classifier-free guidance needs a class-conditional model; use --cfg-scale 1")
     pixel = vae is None or getattr(vae, "downsample", 1) == 1
@@ -112,19 +130,42 @@ def make_grid(images: np.ndarray, ncol: int, scale: int = 1, pad: int = 1) -> np
     return grid
 
 
-def save_grid(images: np.ndarray, path: str | Path, ncol: int, min_cell: int = 64) -> Path:
-    """Save a grid PNG; small images are upscaled so each cell is at least ``min_cell`` px."""
+def save_grid(images: np.ndarray, path: str | Path, ncol: int, min_cell: int = 64, row_labels=None) -> Path:
+    """Save a grid PNG; small images are upscaled so each cell is at least ``min_cell`` px.
+    ``row_labels`` (one string per row, e.g. the prompts) are written to the left of the rows."""
     from PIL import Image
 
     scale = max(1, math.ceil(min_cell / images.shape[1]))
     grid = make_grid(images, ncol, scale)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if row_labels:
+        img = label_rows(img, list(row_labels), images.shape[1] * scale)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """ADM's sample layout: ``arr_0`` uint8 N x H x W x C, ``arr_1`` int64 labels."""
-    return write_npz_atomic(path, images, labels.astype(np.int64))
+def label_rows(img, labels: list, cell: int, pad: int = 1):
+    """The grid ``img`` with a white margin on the left holding ``labels[r]`` beside row r."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+    width = max(int(draw.textlength(str(t), font=font)) for t in labels) + 8
+    out = Image.new(img.mode, (img.width + width, img.height), 255 if img.mode == "L" else (255, 255, 255))
+    out.paste(img, (width, 0))
+    draw = ImageDraw.Draw(out)
+    ink = 0 if img.mode == "L" else (0, 0, 0)
+    for r, text in enumerate(labels):
+        y = pad + r * (cell + pad) + cell // 2
+        draw.text((4, y), str(text), fill=ink, font=font, anchor="lm")
+    return out
+
+
+def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray, prompts=None) -> Path:
+    """ADM's sample layout: ``arr_0`` uint8 N x H x W x C, ``arr_1`` int64 labels; for a text model
+    ``arr_1`` holds prompt indices and ``prompts`` the prompts (a plain string array)."""
+    if prompts is None:
+        return write_npz_atomic(path, images, labels.astype(np.int64))
+    return write_npz_atomic(path, images, labels.astype(np.int64), prompts=np.array([str(p) for p in prompts]))
 
 
 def save_folder(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:

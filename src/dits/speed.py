@@ -1,13 +1,16 @@
 """Speed choices that depend on device, dtype and shape: the one place that decides them.
 
-The model asks it which attention kernel to run; the trainer asks it for the optimiser,
-whether to compile, and the CUDA math modes. Every choice here picks between implementations
+The model asks it which attention kernel to run; the trainer asks it for the optimiser and the
+CUDA math modes. Which kernels and which compile a run uses is its plan, measured on the machine
+by dits.plan; the fixed rules here (attention_impl, the oneDNN rule, should_compile) are the
+plan's starting point and what runs where nothing is measured (short runs, FSDP). Every choice here picks between implementations
 of *the same function* (tests hold each fast path to the eager reference), so a choice can
 only change speed, never the model. The rules are measurements, not guesses; the numbers
 behind them are in docs/performance.md.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
@@ -20,9 +23,12 @@ from dits.errors import UserError
 
 COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_IMPLS = ("auto", "sdpa", "math")
+GEMM_BACKENDS = ("auto", "onednn", "mkl")
 
-# Forced attention kernel for tests and benchmarks ("auto" = the rules in attention_impl).
+# Forced attention kernel for tests, benchmarks and a run's plan ("auto" = the rules in attention_impl).
 _forced_attention = "auto"
+# Forced GEMM backend of `linear` ("auto" and "onednn": oneDNN where it applies; "mkl": always F.linear).
+_forced_gemm = "auto"
 
 
 # ----------------------------------------------------------------------------- attention
@@ -32,6 +38,29 @@ def set_attention(impl: str) -> None:
     if impl not in ATTENTION_IMPLS:
         raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
     _forced_attention = impl
+
+
+def set_gemm(backend: str) -> None:
+    """Force the GEMM backend of :func:`linear`: "mkl" (F.linear, MKL on x86 builds), "onednn"
+    (oneDNN's kernel wherever it applies: CPU fp32 outside autocast and compile) or "auto" (the same)."""
+    global _forced_gemm
+    if backend not in GEMM_BACKENDS:
+        raise UserError(f"gemm backend must be one of {', '.join(GEMM_BACKENDS)}, got {backend!r}")
+    _forced_gemm = backend
+
+
+@contextlib.contextmanager
+def forced(attention: str = "auto", gemm: str = "auto"):
+    """Within the block, :func:`attention` and :func:`linear` use these kernels (a run's plan, see
+    dits.plan); the previous choices come back afterwards. Same functions, other kernels."""
+    old = (_forced_attention, _forced_gemm)
+    set_attention(attention)
+    set_gemm(gemm)
+    try:
+        yield
+    finally:
+        set_attention(old[0])
+        set_gemm(old[1])
 
 
 def attention_impl(device_type: str, dtype: torch.dtype, seq_len: int, grad: bool) -> str:
@@ -75,6 +104,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` with a key-padding mask (N, T_k), True where a key is a real token: masked keys
+    get exactly zero weight. Every query row must keep at least one key (the text path always keeps
+    the timestep token or the null caption's token)."""
+    keep = key_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]  # (N, 1, 1, T_k)
+    impl = _forced_attention
+    if impl == "auto":
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        impl = attention_impl(q.device.type, _compute_dtype(q), q.shape[-2], grad)
+    if impl == "math":
+        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf"))
+        return scores.softmax(dim=-1).to(v.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
 # ----------------------------------------------------------------------------- linear layers
 @functools.lru_cache(maxsize=None)
 def _onednn_linear_ok() -> bool:
@@ -115,8 +159,13 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's CPU linear kernel (and it gives F.linear's numbers)."""
+    return _onednn_linear_ok()
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return (_forced_gemm != "mkl" and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and _onednn_linear_ok())
 
@@ -237,8 +286,11 @@ AUTO_COMPILE_BLOCKS_MIN_STEPS = {"cpu": 1_500}             # per-block compile f
 
 def should_compile(mode: str, device: torch.device, steps: int,
                    precision: str = "fp32") -> tuple[str | None, str | None]:
-    """What to compile for a run of ``steps`` more steps: None, "blocks" or "model" (see
-    above), and a one-line reason when "auto" would compile but cannot.
+    """The fixed rule: what to compile for a run of ``steps`` more steps: None, "blocks" or
+    "model" (see above), and a one-line reason when "auto" would compile but cannot. The trainer
+    measures instead (dits.plan) and uses this rule only where it does not measure: runs under
+    dits.plan.MIN_PROBE_STEPS (which this rule never compiles) and --fsdp runs. The thresholds
+    come from one CPU; on another one the plan's measurement decides.
 
     "on" compiles the model, and where no compiler exists it is a user error; "auto" chooses
     by what repays its cost and silently skips what would not.
@@ -265,6 +317,19 @@ def should_compile(mode: str, device: torch.device, steps: int,
     return plan, None
 
 
+def _contiguous_inputs(block: torch.nn.Module) -> None:
+    """A compiled block gets its tensor arguments contiguous. The first block's input (the patch
+    embedding plus the position table) is a transposed view; fed as it is, inductor's graph (torch
+    2.13, CPU) computed the block's *gradients* 1-9 % off the eager ones while the forward agreed
+    (tests/test_plan.py::test_every_plan_gives_the_reference_loss_and_gradients found it). One
+    copy of the first block's input per step; later blocks' inputs are contiguous already."""
+    compiled = block._compiled_call_impl
+
+    def call(*args, **kwargs):
+        return compiled(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+    block._compiled_call_impl = call
+
+
 class CompiledOrEager(torch.nn.Module):
     """``module`` compiled, with a clean fallback: if compiling fails on the first call (a
     broken toolchain, an unsupported op), say why in one line and run eager from then on.
@@ -274,13 +339,15 @@ class CompiledOrEager(torch.nn.Module):
     the rest of ``module`` runs eager. The parameters are ``module``'s own (no copy); save
     ``module``, not this wrapper."""
 
-    def __init__(self, module: torch.nn.Module, blocks: list[torch.nn.Module] | None = None):
+    def __init__(self, module: torch.nn.Module, blocks: list[torch.nn.Module] | None = None, quiet: bool = False):
         super().__init__()
         self.module = module
+        self.__dict__["_quiet"] = quiet  # the plan probe reads .failed and reports it itself
         self.__dict__["_blocks"] = list(blocks or [])  # kept out of the module tree (listed once)
         if self._blocks:
             for blk in self._blocks:
                 blk.compile(dynamic=False)
+                _contiguous_inputs(blk)
             self.__dict__["_compiled"] = module
         else:
             self.__dict__["_compiled"] = torch.compile(module, dynamic=False)
@@ -297,13 +364,16 @@ class CompiledOrEager(torch.nn.Module):
                 for blk in self._blocks:  # undo nn.Module.compile
                     blk._compiled_call_impl = None
                 why = (str(e).strip().splitlines() or [""])[0][:200]
-                print(f"dits: torch.compile failed ({type(e).__name__}: {why}); running eager", file=sys.stderr)
+                self.__dict__["why"] = f"{type(e).__name__}: {why}"
+                if not self._quiet:
+                    print(f"dits: torch.compile failed ({type(e).__name__}: {why}); running eager", file=sys.stderr)
         return self.module(*args, **kwargs)
 
 
-def compile_module(module: torch.nn.Module, plan: str = "model", model: torch.nn.Module | None = None) -> torch.nn.Module:
+def compile_module(module: torch.nn.Module, plan: str = "model", model: torch.nn.Module | None = None,
+                   quiet: bool = False) -> torch.nn.Module:
     """``module`` (a DiT, or a DDP wrapper of ``model``) compiled by ``plan`` ("model", or
     "blocks": each of ``model.blocks``), with an eager fallback (see :class:`CompiledOrEager`)."""
     if plan == "blocks":
-        return CompiledOrEager(module, blocks=list((model if model is not None else module).blocks))
-    return CompiledOrEager(module)
+        return CompiledOrEager(module, blocks=list((model if model is not None else module).blocks), quiet=quiet)
+    return CompiledOrEager(module, quiet=quiet)

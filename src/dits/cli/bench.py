@@ -1,12 +1,13 @@
 """``dits bench``: reproducible benchmarks.
 
 - ``dits bench samplers [--quick]``: each sampler's error against the number of network
-  evaluations (NFE) on data whose exact denoiser is known (see dits.diffusion.benchmark).
+  evaluations (NFE) on data whose exact denoiser is known (see dits.bench.samplers).
 - ``dits bench train`` / ``dits bench sample``: speed of the trainer's step and of the
-  sampler at any model size, batch, precision, compile mode and device; with
-  ``--official PATH`` side by side with the official DiT code (see dits.bench).
+  sampler at any model size, batch, precision, plan and device; with ``--official PATH`` side
+  by side with the official DiT code, each contender in its own process (see dits.bench.speed);
+  ``--plan all`` times every candidate plan, ``--torch-info`` prints what the figures depend on.
 - ``dits bench flow --diffusion RUN --flow RUN``: the two objectives compared on the digits
-  (see dits.flow_bench and docs/flow.md).
+  (see dits.bench.flow and docs/flow.md).
 """
 from __future__ import annotations
 
@@ -37,19 +38,24 @@ def register(subparsers) -> None:
     t = targets.add_parser("train", help="training step speed (optionally against the official code)",
                            description="Time `dits train`'s step (its defaults) at a model size, batch and precision: "
                                        "ms/step, images/s, TFLOP/s, MFU against a matmul peak measured in the same "
-                                       "run, peak memory. With --official, the official DiT loop body runs "
-                                       "interleaved in the same process and the ratio is printed.")
+                                       "run, peak memory. With --official, the official DiT loop body runs too, "
+                                       "each contender alone in its own process, alternated round by round, and "
+                                       "the ratio is printed.")
     _common(t, batch_default=None)
     t.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
     t.add_argument("--attention", choices=("auto", "sdpa", "math"), default="auto",
-                   help="force an attention kernel (default auto: dits.speed's rules)")
+                   help="force an attention kernel (default auto: the plan's)")
+    t.add_argument("--plan", default="auto", metavar="PLAN",
+                   help="auto (what `dits train` would choose for the run: cache or probe), a plan name "
+                        "(e.g. eager+onednn+sdpa, compile-blocks), or all: every candidate plan side by side")
     t.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
     t.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported (default 5)")
     t.set_defaults(func=_train)
 
     m = targets.add_parser("sample", help="sampling speed (optionally against the official code)",
                            description="Time dits.sample.generate (what `dits sample` runs) on one batch; with "
-                                       "--official, the official p_sample_loop with forward_with_cfg interleaved.")
+                                       "--official, the official p_sample_loop with forward_with_cfg, each "
+                                       "contender in its own process, alternated.")
     _common(m, batch_default=None)
     m.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm++ | heun (default ddpm)")
     m.add_argument("--sample-steps", type=int, default=250, help="sampling steps (default 250)")
@@ -79,6 +85,11 @@ def _common(p, batch_default) -> None:
     p.add_argument("--official-path", metavar="DIR", action="append", default=[],
                    help="extra sys.path entry for the official code's imports (timm); repeatable; also "
                         "DITS_BENCH_PATH (':'-separated)")
+    p.add_argument("--isolation", choices=("process", "shared"), default="process",
+                   help="process (default): each contender alone in its own process; shared: all interleaved in "
+                        "this one (the old way, which slows the reference after dits' compiled graphs)")
+    p.add_argument("--torch-info", action="store_true",
+                   help="first print the CPU/GPU model, ISA, torch / MKL / oneDNN versions and matmul peaks")
 
 
 def _setup(args):
@@ -89,7 +100,8 @@ def _setup(args):
     if args.preset:  # the step and --compile auto as `dits train` runs them for the preset
         from dits.config import resolve_config
         cfg = resolve_config(args.preset)
-        v.update(run_steps=cfg.steps, grad_clip=cfg.grad_clip)
+        v.update(run_steps=cfg.steps, grad_clip=cfg.grad_clip, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                 ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup)
     given = {"model": None if args.model == "DiT-S/2" and args.preset else args.model, "depth": args.depth,
              "hidden_size": args.hidden_size, "num_heads": args.num_heads, "patch_size": args.patch_size,
              "input_size": args.image_size, "in_channels": args.channels, "num_classes": args.num_classes,
@@ -108,6 +120,10 @@ def _setup(args):
     if v["batch"] < 1:
         raise UserError(f"--batch must be >= 1, got {v['batch']}")
     extra = dict(precision=args.precision, compile=args.compile, device=args.device)
+    plan = getattr(args, "plan", "auto")
+    if plan not in ("auto", "all"):
+        from dits.plan import check_plan_name
+        check_plan_name(plan)
     for k in ("sampler", "sample_steps", "cfg_scale", "grad_checkpoint"):
         if hasattr(args, k):
             extra[k] = getattr(args, k)
@@ -119,10 +135,15 @@ def _extra_paths(args) -> list[str]:
     return list(args.official_path) + env
 
 
-def _header(kind: str, s) -> None:
+def _header(kind: str, s, args) -> None:
     size = s.model if s.model != "DiT" else f"DiT depth {s.depth} width {s.hidden_size} heads {s.num_heads} patch {s.patch_size}"
+    plan = f", plan {getattr(args, 'plan', 'auto')} (for a {s.run_steps:,}-step run)" if kind == "train" else ""
     print(f"dits bench {kind}: {size}, {s.input_size}x{s.input_size}x{s.in_channels}, batch {s.batch}, "
-          f"{s.precision}, compile {s.compile}, {s.device}", flush=True)
+          f"{s.precision}, compile {s.compile}{plan}, {s.device}", flush=True)
+    if args.torch_info:
+        from dits.bench import torch_info
+        for line in torch_info(s.device):
+            print(f"  {line}", flush=True)
 
 
 def _train(args) -> int:
@@ -132,9 +153,9 @@ def _train(args) -> int:
     if args.steps < 1 or args.rounds < 1:
         from dits.errors import UserError
         raise UserError("--steps and --rounds must be >= 1")
-    _header("train", s)
+    _header("train", s, args)
     print(bench_train(s, args.official, _extra_paths(args), rounds=args.rounds, per_round=args.steps,
-                      attention=args.attention, clock=args.clock))
+                      attention=args.attention, clock=args.clock, isolation=args.isolation, plan=args.plan))
     return 0
 
 
@@ -145,14 +166,15 @@ def _sample(args) -> int:
     if args.rounds < 1 or args.sample_steps < 1:
         from dits.errors import UserError
         raise UserError("--rounds and --sample-steps must be >= 1")
-    _header("sample", s)
-    print(bench_sample(s, args.official, _extra_paths(args), rounds=args.rounds, clock=args.clock))
+    _header("sample", s, args)
+    print(bench_sample(s, args.official, _extra_paths(args), rounds=args.rounds, clock=args.clock,
+                       isolation=args.isolation))
     return 0
 
 
 def _samplers(args) -> int:
-    from dits.diffusion import benchmark
-    return benchmark.run_from_args(args)
+    from dits.bench import samplers
+    return samplers.run_from_args(args)
 
 
 def _register_flow(targets) -> None:
@@ -175,5 +197,5 @@ def _register_flow(targets) -> None:
 
 
 def _flow(args) -> int:
-    from dits import flow_bench
-    return flow_bench.run_from_args(args)
+    from dits.bench import flow
+    return flow.run_from_args(args)

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
         token = check_push(args.push_to_hub) if args.push_to_hub else None  # before any work
         model, info = load_model(args.src, model_name=args.model)
+        interop.diffusers_config(model.config)  # one line for what does not convert (a U-Net), before any work
         from dits.objectives import objective_of
         if objective_of(info) != "diffusion":
             raise UserError(f"{args.src} is a {objective_of(info)} model; diffusers' DiTPipeline would sample it "

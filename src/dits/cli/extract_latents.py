@@ -33,6 +33,12 @@ def register(subparsers) -> None:
     p.add_argument("--num-workers", type=int, default=4, help="image decoding workers (default 4)")
     p.add_argument("--small", default="upscale", choices=("upscale", "error", "skip"),
                    help="images smaller than the crop: upscale (as the reference), error, or skip")
+    p.add_argument("--captions", nargs="?", const="", default=None, metavar="FILE.jsonl",
+                   help="also store the images' captions (default file: FOLDER/metadata.jsonl); with --text-encoder "
+                        "their embeddings too, so text training never runs the encoder (docs/text.md)")
+    p.add_argument("--text-encoder", default=None, metavar="HUB_ID_OR_DIR",
+                   help="with --captions: a CLIP text model or T5 encoder (transformers) whose embeddings to cache")
+    p.add_argument("--max-text-tokens", type=int, default=None, help="with --text-encoder: caption tokens (default 77)")
     p.set_defaults(func=run)
 
 
@@ -41,13 +47,56 @@ def run(args: argparse.Namespace) -> int:
 
     from dits.data.latents import extract_latents, read_meta
 
+    encoder = _check_captions(args)  # before any work: bad captions or encoder are one line, nothing written
     out = extract_latents(
         args.data, args.vae, args.image_size, args.out, batch_size=args.batch_size, device=args.device,
         dtype=args.store_dtype, flip=not args.no_flip, posterior=args.posterior, seed=args.seed,
         vae_dtype=getattr(torch, DTYPES[args.vae_dtype]), num_workers=args.num_workers,
-        scaling_factor=args.scaling_factor, small=args.small)
+        scaling_factor=args.scaling_factor, small=args.small, captioned=args.captions is not None)
     meta = read_meta(out)
     print(f"latent cache {out}: {meta['n']} images, latents {tuple(meta['latent_shape'])} x{meta['variants']} "
           f"({meta['dtype']}, posterior {meta['posterior']}), {meta['num_classes'] or 'no'} classes, "
           f"scaling factor {meta['scaling_factor']}")
+    if args.captions is not None:
+        from dits.text.cache import add_captions
+
+        text = add_captions(out, args.captions or None, encoder, args.max_text_tokens, batch_size=args.batch_size,
+                            device=args.device)
+        emb = (f", embeddings of {text['encoder']} ({text['max_tokens']} tokens x {text['dim']})"
+               if text["encoder"] else " (no embeddings: for --text-encoder learned)")
+        print(f"captions: {len(text['texts'])} distinct for {len(text['rows'])} images{emb}")
     return 0
+
+
+def _check_captions(args):
+    """The captions and the text encoder, checked (and the encoder loaded) before any latent is made."""
+    from dits.errors import UserError
+
+    if args.captions is None:
+        if args.text_encoder or args.max_text_tokens is not None:
+            raise UserError("--text-encoder and --max-text-tokens go with --captions (caption embeddings)")
+        return None
+    if args.max_text_tokens is not None and args.max_text_tokens < 1:
+        raise UserError(f"--max-text-tokens must be >= 1, got {args.max_text_tokens}")
+    if args.max_text_tokens is not None and not args.text_encoder:
+        raise UserError("--max-text-tokens needs --text-encoder (the tokens of its embeddings)")
+    if args.text_encoder == "learned":
+        raise UserError("--text-encoder learned is trained with the DiT: cache the captions alone (drop "
+                        "--text-encoder) and train with --text-encoder learned")
+    import os
+
+    from dits.data.captions import folder_caption_file, match_captions, read_caption_file
+    from dits.data.folder import scan_captioned
+
+    files = scan_captioned(args.data)
+    root = os.path.expanduser(args.data)
+    path = folder_caption_file(root, args.captions or None)
+    match_captions([os.path.relpath(f, root) for f in files], read_caption_file(path), f"the data folder {args.data}",
+                   f"caption file {path}")
+    if not args.text_encoder:
+        return None
+    from dits.text.pretrained import PretrainedTextEncoder
+
+    enc = PretrainedTextEncoder(args.text_encoder, device=args.device)
+    enc.check_tokens(args.max_text_tokens or 77)
+    return enc

@@ -27,6 +27,11 @@ def register(sub) -> None:
       help="guide only at noise levels in [LO, HI] (0 = data, 1 = noise; docs/flow.md); default: the run's")
     a("--seed", type=int, default=0)
     a("--class", dest="classes", default=None, help="comma-separated class ids (default: balanced over classes)")
+    a("--prompt", dest="prompt", action="append", default=None, metavar="TEXT",
+      help="text models: a prompt (repeat the flag for several; a .png grid has one row per prompt)")
+    a("--prompts", dest="prompts_file", default=None, metavar="FILE", help="text models: prompts, one per line")
+    a("--max-text-tokens", type=int, default=None,
+      help="text models: caption tokens (default: the model's; more only for cross-attention with a frozen encoder)")
     a("--batch-size", type=int, default=256)
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -48,9 +53,10 @@ def run(args) -> int:
         raise UserError(f"--out must end in .npz or .png, or be a directory; got {args.out}")
     if kind and not _writable(out.parent if str(out.parent) else Path(".")):
         raise UserError(f"cannot write to {out.parent}: not a writable directory")
-    for flag in ("num_samples", "steps", "batch_size"):
+    for flag in ("num_samples", "steps", "batch_size", "max_text_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    prompts = _prompts(args)
     from dits.objectives import SAMPLERS
     known = sorted(set().union(*SAMPLERS.values()))
     if args.sampler is not None and args.sampler not in known:  # before any weights load; per objective below
@@ -82,6 +88,8 @@ def run(args) -> int:
     interval = args.guidance_interval if args.guidance_interval is not None else tc.get("guidance_interval")
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else tc.get("cfg_scale", 4.0)
     k = model.num_classes
+    if model.config.text or prompts is not None:
+        k = _check_text_request(model, args, prompts)
     if k == 0:
         cfg_scale = 1.0 if args.cfg_scale is None else cfg_scale
     labels = None
@@ -103,18 +111,48 @@ def run(args) -> int:
                             vae=vae, objective=objective, guidance_interval=interval,
                             diffusion_steps=tc.get("diffusion_steps", 1000),
                             noise_schedule=tc.get("noise_schedule", "linear"), device=device,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, prompts=prompts, max_text_tokens=args.max_text_tokens)
     if kind == ".npz":
-        save_npz(out, images, labs)
+        save_npz(out, images, labs, prompts=prompts)
     elif kind == ".png":
         ncol = int(np.bincount(labs).max()) if k and labels is not None else 8
-        save_grid(images, out, ncol=max(1, min(ncol, 32)))
+        rows = [prompts[i] for i in np.unique(labs)] if prompts is not None else None
+        save_grid(images, out, ncol=max(1, min(ncol, 32)), row_labels=rows if rows and ncol <= 32 else None)
     else:
         save_folder(out, images, labs)
     extra = f", guidance interval {interval}" if interval and cfg_scale != 1 else ""
     print(f"wrote {n} samples ({objective} {sampler}, {steps} steps, cfg {cfg_scale}{extra}) from {info['source']} "
           f"({info['weights']} weights) to {out}")
     return 0
+
+
+def _prompts(args) -> list | None:
+    """The prompts typed (--prompt, repeatable) and read (--prompts FILE), in that order; None if none."""
+    prompts = [p for p in (args.prompt or [])]
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt is empty; pass the text to sample, e.g. --prompt 'a handwritten seven'")
+    if args.prompts_file:
+        from dits.text.prompts import read_prompts
+        prompts += read_prompts(args.prompts_file)
+    if prompts and args.classes:
+        raise UserError("--class and --prompt/--prompts exclude each other: a model takes class labels or text")
+    if not prompts and args.max_text_tokens is not None:
+        raise UserError("--max-text-tokens applies to prompts; pass --prompt TEXT or --prompts FILE")
+    return prompts or None
+
+
+def _check_text_request(model, args, prompts) -> int:
+    """Prompts on a text model (their count is the number of 'classes'); one line otherwise."""
+    if not model.config.text:
+        kind = "class-conditional: use --class" if model.num_classes else "unconditional"
+        raise UserError(f"--prompt needs a text-conditional model; this one is {kind}")
+    if args.classes:
+        raise UserError("this model is text-conditional: pass --prompt TEXT or --prompts FILE, not --class")
+    if prompts is None:
+        raise UserError("this model is text-conditional: pass --prompt TEXT (repeatable) or --prompts FILE")
+    from dits.text.prompts import check_max_tokens
+    check_max_tokens(model.config, args.max_text_tokens)
+    return len(prompts)
 
 
 def _writable(d: Path) -> bool:

@@ -4,6 +4,7 @@
     dits study scaling [--budget quick|full] [--data glyphs|digits] [--out DIR] [--jobs N] [--print-commands] [--report-only]
     dits study blocks  [same flags]
     dits study sampling-compute [same flags]   # finding 4, on a finished scaling study's --out
+    dits study backbones [same flags]          # DiT vs U-Net at matched Gflops (docs/backbones.md)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def register(sub) -> None:
                        description="Train a grid of ordinary `dits train` runs (resumable: rerun to continue), "
                                    "then write study.csv, study.md, figures and a verdict per finding. "
                                    "sampling-compute (finding 4) samples a finished scaling study's models.")
-    p.add_argument("kind", help="scaling | blocks | sampling-compute")
+    p.add_argument("kind", help="scaling | blocks | sampling-compute | backbones (DiT vs U-Net at matched Gflops)")
     p.add_argument("--budget", default="quick", help="quick (about 20 min on 2 cores) | full (hours)")
     p.add_argument("--data", default=None, help="built-in data set: glyphs (the testbed, default) | digits; "
                                                 "default for an existing --out: the data it was run on")
@@ -85,6 +86,8 @@ def _report(out: Path, kind: str, budget: str) -> int:
     failed = [r["model"] for r in rep["rows"] if r["status"].startswith("failed")]
     for v in rep["verdicts"]:
         print(f"finding {v['finding']}: {v['verdict']}: {v['text']}")
+    if rep.get("claim"):  # backbones: the verdict on the paper's claim, in one line
+        print(rep["claim"])
     print(f"report: {out / 'study.md'} ({len(rep['files'])} files)"
           + (f"; FAILED cells: {', '.join(failed)} (see {out / 'logs'})" if failed else ""))
     return 1 if failed else 0

@@ -15,6 +15,9 @@ HELP = {
     "vae": "diffusers AutoencoderKL hub id or directory (latent space); default pixel space",
     "model": "DiT-S/2 ... DiT-XL/8, or DiT with --depth/--hidden-size/--num-heads/--patch-size",
     "block": "adaln-zero | adaln | cross-attn | in-context",
+    "backbone": "dit | unet (diffusers' UNet2DModel, ADM-style; docs/backbones.md)",
+    "unet_channels": "--backbone unet: width of each resolution level, comma-separated, e.g. 16,32 (64,128,128)",
+    "unet_layers": "--backbone unet: residual blocks per level (2)",
     "steps": "total optimisation steps",
     "batch_size": "global batch size (over all processes)",
     "precision": "fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)",
@@ -27,14 +30,26 @@ HELP = {
     "learn_sigma": "learned variance channels; default: on for diffusion, off for flow",
     "guidance_interval": "LO,HI: previews guide only at noise levels in [LO, HI] (0 data .. 1 noise)",
     "eval_samples": "samples for the digits metric (0 = off)",
+    "loss_weighting": "uniform (the paper) | min-snr[:GAMMA] (weights L_simple by min(SNR, GAMMA)/SNR; GAMMA 5)",
+    "t_sampling": "uniform | logit-normal[:M,S] (flow only: t = sigmoid(M + S z); default 0,1)",
     "device": "auto | cpu | cuda | cuda:N",
     "init": "fine-tune: start model and EMA from a run dir, .pt, .safetensors, diffusers dir or Hub id "
             "(fresh optimiser, step 0)",
     "on_nonfinite": "on a NaN/inf loss or grad norm: stop (exit non-zero, last good checkpoint kept) | skip",
     "keep_last": "keep only the K newest checkpoints (0 = all)",
     "keep_every": "with --keep-last: also keep every checkpoint whose step is a multiple of M",
-    "compile": "auto | on | off: torch.compile the model (auto: runs long enough to repay it)",
+    "compile": "auto | on | off: torch.compile the model (auto: as the measured plan decides, see --plan)",
+    "plan": "auto | MODE[+GEMM][+ATTENTION], e.g. eager+onednn+sdpa, compile-blocks: how the step runs (auto: "
+            "timed on this machine for this run's length, cached; docs/performance.md)",
     "grad_checkpoint": "true | false: recompute block activations in backward (less memory)",
+    "text_encoder": "text conditioning: learned (a small transformer over the captions' words, trained with the "
+                    "DiT, no download) or a CLIP text model / T5 encoder Hub id or directory (frozen; dits[text]); "
+                    "docs/text.md",
+    "captions": "captions: FILE.jsonl (file_name, text per line), or digits (built-in); default FOLDER/metadata.jsonl "
+                "or the latent cache's",
+    "max_text_tokens": "caption tokens (default: learned: the longest caption; frozen encoder: 77)",
+    "text_adaln": "how text reaches adaln/adaln-zero blocks: pooled (c = t + pooled caption) | cross-attn "
+                  "(PixArt-alpha: adaLN on t, cross-attention to the tokens) | both",
     "log": "tensorboard | wandb | none: logging sinks besides metrics.jsonl; repeat the flag or separate with "
            "commas (tensorboard: RUN_DIR/tensorboard, extra dits[tb]; wandb: extra dits[wandb], WANDB_MODE=offline "
            "works without an account); rank 0 only, --resume continues the same curves",
@@ -104,6 +119,9 @@ def run(args) -> int:
         return summary["exit_code"]  # preempted: the checkpoint is written, the job is not done
     if summary:
         print(f"done: run dir {summary.get('run_dir')}; samples {summary.get('samples')}")
+        if summary.get("digits_text"):
+            from dits.text.digits import format_report
+            print(format_report(summary["digits_text"]))
         m = summary.get("digits_metric")
         if m:
             from dits.evaluate.builtin import format_metric

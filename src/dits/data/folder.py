@@ -6,7 +6,9 @@ Layout::
     root/xxx.jpg root/yyy.png ...                     -> unconditional: num_classes 0, label 0
 
 With class subfolders, files directly in ``root`` are ignored (with a warning) and images
-in nested folders count for their top-level class. Hidden files and folders (starting with
+in nested folders count for their top-level class. A captioned folder (``captioned=True``,
+text runs: captions come from ``metadata.jsonl``, see :mod:`dits.data.captions`) takes every
+image under ``root``, at any depth, and no labels. Hidden files and folders (starting with
 ".") are skipped. Recognised extensions: jpg, jpeg, png, bmp, webp (any case).
 
 Corrupt files: when the dataset is built every image header is read (``verify=True``);
@@ -95,6 +97,17 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
     return files, labels, classes
 
 
+def scan_captioned(root: str | os.PathLike) -> list[Path]:
+    """Every image under a captioned folder, at any depth, in sorted order (no labels)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        scan_folder(root)  # the same one-line errors as a labelled folder
+    files = _walk_images(root)
+    if not files:
+        raise UserError(f"data folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """(image, label) pairs: float tensor (channels, image_size, image_size) in [-1, 1], int.
 
@@ -106,7 +119,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int, flip: bool = True, channels: int = 3,
-                 small: str = "upscale", verify: bool = True, generator: torch.Generator | None = None):
+                 small: str = "upscale", verify: bool = True, generator: torch.Generator | None = None,
+                 captioned: bool = False):
         if channels not in (1, 3):
             raise UserError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
         if small not in ("upscale", "error", "skip"):
@@ -118,7 +132,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.flip = flip
         self.channels = channels
         self.generator = generator
-        files, labels, self.classes = scan_folder(self.root)
+        if captioned:
+            files = scan_captioned(self.root)
+            labels, self.classes = [0] * len(files), []
+        else:
+            files, labels, self.classes = scan_folder(self.root)
         self.num_classes = len(self.classes)
         if verify or small != "upscale":
             files, labels = self._check_files(files, labels, small)

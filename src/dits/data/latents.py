@@ -87,7 +87,7 @@ def extract_latents(data: str | os.PathLike, vae, image_size: int, out: str | os
                     batch_size: int = 32, device=None, dtype: str = "float16", flip: bool = True,
                     posterior: str = "sample", seed: int = 0, vae_dtype: torch.dtype = torch.float32,
                     num_workers: int = 0, scaling_factor: float | None = None, small: str = "upscale",
-                    progress: bool = True) -> Path:
+                    progress: bool = True, captioned: bool = False) -> Path:
     """Encode the image folder ``data`` into a latent cache at ``out``; resumes an unfinished one.
 
     ``vae`` is anything :func:`dits.vae.load_autoencoder` accepts (a spec or an autoencoder).
@@ -108,7 +108,8 @@ def extract_latents(data: str | os.PathLike, vae, image_size: int, out: str | os
         raise UserError(f"{out} exists and is not a directory; choose another --out")
     autoencoder = load_autoencoder(vae, scaling_factor=scaling_factor, device=device, dtype=vae_dtype)
     shape = autoencoder.latent_shape(image_size)
-    dataset = ImageFolderDataset(data, image_size, flip=False, channels=autoencoder.image_channels, small=small)
+    dataset = ImageFolderDataset(data, image_size, flip=False, channels=autoencoder.image_channels, small=small,
+                                 captioned=captioned)  # captioned: every image under the folder, no labels
     n, variants = len(dataset), 2 if flip else 1
     digest, rel = _files_digest(dataset.files, dataset.labels, dataset.root)
     meta = {

@@ -152,18 +152,18 @@ def fit_classifier() -> DigitsClassifier:
     return clf
 
 
-def _save(clf: DigitsClassifier, path: Path, recipe: str = RECIPE) -> None:
+def _save(clf: DigitsClassifier, path: Path, recipe: str | None = None) -> None:
     from dits.fileio import write_npz_atomic
 
-    write_npz_atomic(path, recipe=np.array(recipe), w1=clf.w1, b1=clf.b1, w2=clf.w2, b2=clf.b2,
+    write_npz_atomic(path, recipe=np.array(recipe or RECIPE), w1=clf.w1, b1=clf.b1, w2=clf.w2, b2=clf.b2,
                      heldout_accuracy=clf.heldout_accuracy, n_train=clf.n_train, n_test=clf.n_test)
 
 
-def _load(path: Path, recipe: str = RECIPE) -> DigitsClassifier | None:
+def _load(path: Path, recipe: str | None = None) -> DigitsClassifier | None:
     """The cached classifier, or None if absent, unreadable or of another recipe."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z["recipe"]) != recipe:
+            if str(z["recipe"]) != (recipe or RECIPE):
                 return None
             return DigitsClassifier(z["w1"], z["b1"], z["w2"], z["b2"],
                                     float(z["heldout_accuracy"]), int(z["n_train"]),

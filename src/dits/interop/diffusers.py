@@ -73,6 +73,12 @@ def _diffusers():
 # ----------------------------------------------------------------------------------------
 def diffusers_config(config: DiTConfig) -> dict:
     """The ``DiTTransformer2DModel`` config of a dits model config."""
+    if getattr(config, "backbone", "dit") != "dit":
+        raise UserError(f"only DiTs convert to diffusers' DiTTransformer2DModel (this is a {config.describe()}, "
+                        "already diffusers' UNet2DModel inside); sample it with dits sample")
+    if config.text:
+        raise UserError("text-conditional models do not convert to diffusers' DiTTransformer2DModel (class labels "
+                        "only); sample them with dits sample --prompt")
     if config.block != "adaln-zero":
         raise UserError(f"only adaLN-Zero models convert to diffusers (this one uses {config.block!r} blocks)")
     if config.mlp_ratio != 4.0:

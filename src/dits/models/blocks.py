@@ -1,16 +1,22 @@
 """Transformer blocks of DiT: the four conditioning designs the paper compares (Fig. 3).
 
 All blocks are pre-norm (LayerNorm eps 1e-6), MLP ratio 4 with tanh-GELU, qkv with bias,
-and take ``(x, c, cond_tokens)``: image tokens (N, T, D), the conditioning vector
-c = t_emb + y_emb (N, D), and the conditioning as a token sequence (N, S, D) holding the
-timestep and label embeddings (used by cross-attention and in-context conditioning).
+and take ``(x, c, cond_tokens, cond_mask)``: image tokens (N, T, D), the conditioning vector
+c = t_emb + y_emb (N, D), the conditioning as a token sequence (N, S, D) holding the
+timestep and label embeddings (used by cross-attention and in-context conditioning), and
+a key-padding mask (N, S) or None (all tokens real).
+
+With text (``dits.models.conditioning``) the sequence holds the caption's tokens and the mask
+marks its padding; for in-context blocks, whose condition tokens sit inside ``x``, the mask
+covers all of ``x``. The blocks never see where tokens came from: a class label, a learned text
+encoder or a frozen CLIP/T5 are the same (sequence, mask) to them.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dits.speed import attention, linear
+from dits.speed import attention, linear, masked_attention
 
 BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attn", "in-context")
 
@@ -40,11 +46,14 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, dim * 3, bias=True)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
         # (N, T, 3, H, d/H) -> three (N, H, T, d/H): the order of the reference's weights.
         q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = attention(q, k, v)  # SDPA or explicit matmuls, by device/dtype/length (dits.speed)
+        if key_mask is None:
+            x = attention(q, k, v)  # SDPA or explicit matmuls, by device/dtype/length (dits.speed)
+        else:
+            x = masked_attention(q, k, v, key_mask)  # padded keys get zero weight
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
@@ -58,12 +67,12 @@ class CrossAttention(nn.Module):
         self.kv = Linear(dim, dim * 2, bias=True)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
         h = self.num_heads
         q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)
         k, v = self.kv(context).reshape(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        x = attention(q, k, v)
+        x = attention(q, k, v) if key_mask is None else masked_attention(q, k, v, key_mask)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
@@ -96,17 +105,27 @@ class AdaLNZeroBlock(nn.Module):
 
     modulations = 6  # shift, scale, gate for attention and for the MLP
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, text_cross_attn: bool = False):
         super().__init__()
         self.norm1 = _norm(dim, affine=False)
         self.attn = Attention(dim, num_heads)
         self.norm2 = _norm(dim, affine=False)
         self.mlp = Mlp(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, self.modulations * dim, bias=True))
+        # Text only (PixArt-alpha's block): cross-attention to the caption tokens between
+        # self-attention and the MLP, without norm or gate, output projection zero-initialised
+        # (DiT.initialize_weights), so the block starts as the class-free adaLN block.
+        self.cross_attn = CrossAttention(dim, num_heads) if text_cross_attn else None
 
-    def forward(self, x, c, cond_tokens=None):
+    def _cross(self, x, cond_tokens, cond_mask):
+        if self.cross_attn is None:
+            return x
+        return x + self.cross_attn(x, cond_tokens, cond_mask)
+
+    def forward(self, x, c, cond_tokens=None, cond_mask=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = self._cross(x, cond_tokens, cond_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -120,16 +139,19 @@ class AdaLNBlock(AdaLNZeroBlock):
 
     modulations = 4  # shift and scale for attention and for the MLP
 
-    def forward(self, x, c, cond_tokens=None):
+    def forward(self, x, c, cond_tokens=None, cond_mask=None):
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = self._cross(x, cond_tokens, cond_mask)
         x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class InContextBlock(nn.Module):
     """In-context conditioning: a plain ViT block. The model appends [t_emb, y_emb] as two
-    extra tokens to the sequence and drops them after the last block."""
+    extra tokens to the sequence and drops them after the last block. With text, the appended
+    tokens are [t_emb, caption tokens] and ``cond_mask`` is the key-padding mask of the whole
+    sequence (padded caption tokens are never attended to)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -138,24 +160,25 @@ class InContextBlock(nn.Module):
         self.norm2 = _norm(dim, affine=True)
         self.mlp = Mlp(dim, mlp_ratio)
 
-    def forward(self, x, c, cond_tokens=None):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, c, cond_tokens=None, cond_mask=None):
+        x = x + self.attn(self.norm1(x), cond_mask)
         x = x + self.mlp(self.norm2(x))
         return x
 
 
 class CrossAttnBlock(InContextBlock):
     """Cross-attention: the ViT block with multi-head cross-attention to the length-2
-    sequence [t_emb, y_emb] between self-attention and the MLP. ~15 % more flops."""
+    sequence [t_emb, y_emb] between self-attention and the MLP. ~15 % more flops. With text the
+    sequence is [t_emb, caption tokens] and ``cond_mask`` marks the caption's padding."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__(dim, num_heads, mlp_ratio)
         self.norm_cross = _norm(dim, affine=True)
         self.cross_attn = CrossAttention(dim, num_heads)
 
-    def forward(self, x, c, cond_tokens=None):
+    def forward(self, x, c, cond_tokens=None, cond_mask=None):
         x = x + self.attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm_cross(x), cond_tokens)
+        x = x + self.cross_attn(self.norm_cross(x), cond_tokens, cond_mask)
         x = x + self.mlp(self.norm2(x))
         return x
 

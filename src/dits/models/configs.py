@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from dits.errors import UserError
 from dits.models.blocks import BLOCK_TYPES
 
+# How text reaches adaLN / adaLN-Zero blocks (docs/text.md): "pooled" adds the pooled caption
+# vector to c (as a class embedding is), "cross-attn" is PixArt-alpha's block (adaLN on t only,
+# cross-attention to the caption tokens), "both" does the two.
+TEXT_ADALN = ("pooled", "cross-attn", "both")
+# The text fields of DiTConfig: left out of ``to_dict`` when there is no text, so the config
+# (and every checkpoint) of a class-conditional model is exactly what it was before text.
+TEXT_FIELDS = ("text_encoder", "text_dim", "text_tokens", "text_vocab", "text_depth", "text_adaln")
+
 # size -> (depth, hidden_size, num_heads), Table 1 of the paper
 SIZES = {
     "S": (12, 384, 6),
@@ -37,6 +45,13 @@ class DiTConfig:
     num_classes: int = 1000       # 0 = unconditional
     learn_sigma: bool = True      # output 2C channels: eps and the variance interpolation v
     block: str = "adaln-zero"     # one of BLOCK_TYPES
+    # ---- text conditioning (dits.text, docs/text.md); text_encoder None: labels as above
+    text_encoder: str | None = None  # "learned" (trained with the DiT) or the frozen CLIP/T5 (Hub id or dir)
+    text_dim: int = 0             # width of the caption features the model takes (learned: the encoder's)
+    text_tokens: int = 0          # the most caption tokens it was built for
+    text_vocab: list | None = None  # the learned encoder's words (plain data)
+    text_depth: int = 2           # layers of the learned encoder
+    text_adaln: str = "both"      # adaLN(-Zero) blocks with text: pooled | cross-attn | both
 
     def __post_init__(self):
         self.validate()
@@ -59,7 +74,29 @@ class DiTConfig:
             raise UserError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise UserError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.text_encoder is not None:
+            self._validate_text()
 
+    def _validate_text(self) -> None:
+        if self.num_classes:
+            raise UserError("a model is conditioned on class labels or on text, not both: "
+                            "use num_classes=0 with a text encoder")
+        if int(self.text_dim) < 1 or int(self.text_tokens) < 1:
+            raise UserError(f"a text model needs text_dim >= 1 and text_tokens >= 1, got {self.text_dim} and "
+                            f"{self.text_tokens}")
+        if self.text_adaln not in TEXT_ADALN:
+            raise UserError(f"text_adaln must be one of {', '.join(TEXT_ADALN)}, got {self.text_adaln!r}")
+        if self.text_encoder == "learned":
+            if not isinstance(self.text_vocab, (list, tuple)):
+                raise UserError("the learned text encoder needs its vocabulary (text_vocab, a list of words)")
+            if int(self.text_depth) < 1:
+                raise UserError(f"text_depth must be >= 1, got {self.text_depth}")
+            self.text_vocab = [str(w) for w in self.text_vocab]
+
+    @property
+    def text(self) -> bool:
+        """Whether the model is conditioned on text."""
+        return self.text_encoder is not None
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
@@ -69,7 +106,11 @@ class DiTConfig:
         return (self.input_size // self.patch_size) ** 2
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.text_encoder is None:
+            for k in TEXT_FIELDS:
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":

@@ -18,6 +18,11 @@ class DiT(nn.Module):
     (``pos_embed``, ``x_embedder``, ``t_embedder``, ``y_embedder``, ``blocks.i.*``,
     ``final_layer``), so an official checkpoint loads with ``strict=True``.
     Keyword arguments are those of the reference constructor, plus ``block``.
+
+    With ``text_encoder`` set (docs/text.md) the condition is a caption instead of a label:
+    ``forward(x, t, text=..., text_mask=...)`` with token ids (learned encoder) or a frozen
+    encoder's features, through :class:`dits.models.conditioning.TextEmbedder`
+    (``text_embedder.*``; no ``y_embedder``).
     """
 
     def __init__(self, config: DiTConfig | None = None, **kwargs):
@@ -41,16 +46,51 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         if cfg.num_classes > 0:
             self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
+        self.text_embedder = self._text_embedder(cfg) if cfg.text else None
         # Fixed, not trained; a Parameter (requires_grad=False) as in the reference so that
         # it is part of the state dict and of the parameter count.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d), requires_grad=False)
         block = BLOCKS[cfg.block]
-        self.blocks = nn.ModuleList([block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        extra = {"text_cross_attn": True} if self._pixart_cross_attn else {}
+        self.blocks = nn.ModuleList([block(d, cfg.num_heads, cfg.mlp_ratio, **extra) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
         # Activation checkpointing per block (training only): keep each block's input, recompute
         # its inside during backward. ~1/3 more compute for activation memory ~1/depth.
         self.grad_checkpoint = False
         self.initialize_weights()
+
+    @property
+    def _pixart_cross_attn(self) -> bool:
+        """adaLN(-Zero) blocks of a text model get PixArt-alpha's cross-attention unless text_adaln is pooled."""
+        cfg = self.config
+        return cfg.text and cfg.block in ("adaln-zero", "adaln") and cfg.text_adaln != "pooled"
+
+    @property
+    def _pooled_text(self) -> bool:
+        """Whether c = t_emb + pooled caption (every design but PixArt's adaLN on t only)."""
+        cfg = self.config
+        return not (cfg.block in ("adaln-zero", "adaln") and cfg.text_adaln == "cross-attn")
+
+    @property
+    def condition(self):
+        """The conditioning module (``dits.models.conditioning``): labels, text, or None."""
+        if self.text_embedder is not None:
+            return self.text_embedder
+        return getattr(self, "y_embedder", None)
+
+    @staticmethod
+    def _text_embedder(cfg: DiTConfig):
+        from dits.models.conditioning import TextEmbedder
+
+        encoder = None
+        if cfg.text_encoder == "learned":
+            from dits.text.learned import LearnedTextEncoder
+            from dits.text.vocab import Vocabulary
+
+            heads = cfg.num_heads if cfg.text_dim % cfg.num_heads == 0 else 1
+            encoder = LearnedTextEncoder(len(Vocabulary(cfg.text_vocab)), cfg.text_dim, cfg.text_depth, heads,
+                                         cfg.text_tokens)
+        return TextEmbedder(cfg.hidden_size, cfg.text_dim, cfg.class_dropout_prob, encoder)
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
@@ -87,6 +127,14 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.text_embedder is not None:
+            nn.init.normal_(self.text_embedder.null_token, std=0.02)  # like the class table's rows
+            if self.text_embedder.encoder is not None:
+                self.text_embedder.encoder.reset_parameters()
+            if self._pixart_cross_attn:  # PixArt: the added cross-attention starts as a zero residual
+                for blk in self.blocks:
+                    nn.init.zeros_(blk.cross_attn.proj.weight)
+                    nn.init.zeros_(blk.cross_attn.proj.bias)
 
     # ------------------------------------------------------------------ shapes
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,12 +152,17 @@ class DiT(nn.Module):
         x = x.reshape(n, c, h, p, h, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * h, p * p * c)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y) -> None:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y, text=None, text_mask=None) -> None:
         i, c = self.input_size, self.in_channels
         if x.ndim != 4 or x.shape[1] != c or x.shape[2] != i or x.shape[3] != i:
             raise UserError(f"expected input of shape (N, {c}, {i}, {i}), got {tuple(x.shape)}")
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise UserError(f"expected timesteps of shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if self.config.text:
+            self._check_text(x.shape[0], y, text, text_mask)
+            return
+        if text is not None:
+            raise UserError("this model is not text-conditional: pass class labels y (or nothing), not text")
         if self.num_classes > 0:
             if y is None:
                 raise UserError("this model is class-conditional: pass labels y")
@@ -123,17 +176,42 @@ class DiT(nn.Module):
                                 f"{', the last is the null label' if top > self.num_classes else ''}), "
                                 f"got {int(y.min())}..{int(y.max())}")
 
+    def _check_text(self, n: int, y, text, text_mask) -> None:
+        cfg = self.config
+        if y is not None:
+            raise UserError("this model is text-conditional: pass a caption (text / prompts), not class labels")
+        if text is None:
+            raise UserError("this model is text-conditional: pass text (token ids or encoder features)")
+        learned = cfg.text_encoder == "learned"
+        want = f"({n}, L) token ids" if learned else f"({n}, L, {cfg.text_dim}) encoder features"
+        ok = (text.ndim == 2 and not text.dtype.is_floating_point) if learned else (
+            text.ndim == 3 and text.dtype.is_floating_point and text.shape[-1] == cfg.text_dim)
+        if not ok or text.shape[0] != n or text.shape[1] < 1:
+            raise UserError(f"expected text of shape {want}, got {text.dtype} {tuple(text.shape)}")
+        if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+            raise UserError(f"expected a text mask of shape {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+        if text.shape[1] > cfg.text_tokens and (learned or cfg.block == "in-context"):
+            why = "the learned encoder has positions" if learned else "this in-context model was trained with"
+            raise UserError(f"{text.shape[1]} text tokens, but {why} at most {cfg.text_tokens}; "
+                            f"use --max-text-tokens {cfg.text_tokens} or less")
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+                force_drop_ids: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` on the original 0..T-1 scale (int or float); ``force_drop_ids`` (bool, N) is an
-        explicit label-dropout mask used instead of the random one (see ``LabelEmbedder``)."""
+        explicit dropout mask (labels, or captions to the null caption) used instead of the random
+        one (see ``LabelEmbedder``). Text models take ``text``: token ids (N, L) for the learned
+        encoder, else a frozen encoder's features (N, L, text_dim), with ``text_mask`` (N, L, True =
+        real token; an all-False row is the null caption)."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        self._check_inputs(x, t, y)
+        self._check_inputs(x, t, y, text, text_mask)
         tokens = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
+        if self.text_embedder is not None:
+            return self._forward_text(tokens, t_emb, text, text_mask, force_drop_ids)
         cond = [t_emb]
         if self.num_classes > 0:
             cond.append(self.y_embedder(y, self.training, force_drop_ids))
@@ -150,6 +228,34 @@ class DiT(nn.Module):
                 tokens = checkpoint(block, tokens, c, cond_tokens, use_reentrant=False)
             else:
                 tokens = block(tokens, c, cond_tokens)
+        tokens = tokens[:, n_extra:]
+        return self.unpatchify(self.final_layer(tokens, c))
+
+    def _forward_text(self, tokens, t_emb, text, text_mask, force_drop_ids):
+        """Where the caption enters each design (docs/text.md): c = t_emb + pooled caption (adaLN
+        designs: unless text_adaln is cross-attn); cross-attn blocks attend to [t_emb, caption];
+        in-context appends [t_emb, caption] to the image tokens with the caption's padding masked;
+        adaLN(-Zero) blocks attend to the caption (PixArt) unless text_adaln is pooled."""
+        emb = self.text_embedder(text, text_mask, self.training, force_drop_ids)
+        c = t_emb + emb.vector if self._pooled_text else t_emb
+        n, n_extra = tokens.shape[0], 0
+        ones = torch.ones(n, 1, dtype=torch.bool, device=tokens.device)
+        context, mask = emb.tokens, emb.mask
+        if self.block_type == "cross-attn":
+            context = torch.cat([t_emb[:, None], emb.tokens], dim=1)
+            mask = torch.cat([ones, emb.mask], dim=1)
+        elif self.block_type == "in-context":
+            extra = torch.cat([t_emb[:, None], emb.tokens], dim=1)
+            n_extra = extra.shape[1]
+            mask = torch.cat([ones, emb.mask, ones.expand(n, tokens.shape[1])], dim=1)
+            tokens = torch.cat([extra.to(tokens.dtype), tokens], dim=1)
+            context = None
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if recompute:
+                tokens = checkpoint(block, tokens, c, context, mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, context, mask)
         tokens = tokens[:, n_extra:]
         return self.unpatchify(self.final_layer(tokens, c))
 

@@ -109,3 +109,17 @@ class LabelEmbedder(nn.Module):
             return self.embedding_table(labels)
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
+
+    # the conditioning interface (dits.models.conditioning): class labels are one kind of condition
+    kind = "class"
+
+    def null_like(self, labels: torch.Tensor) -> torch.Tensor:
+        """The null condition for a batch of labels: the extra row, ``num_classes``."""
+        return torch.full_like(labels, self.num_classes)
+
+    def embed(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        """``Embedded(vector, tokens, mask)``: the label's row as the vector and as a one-token sequence."""
+        from dits.models.conditioning import Embedded
+
+        v = self(labels, train, force_drop_ids)
+        return Embedded(v, v[:, None], None)

@@ -30,7 +30,7 @@ DATA_SETS = {"digits": {"image_size": 8, "patches": (4, 2, 1), "metric": "fd", "
 DEFAULT_DATA = "glyphs"
 IN_CHANNELS, NUM_CLASSES = 1, 10
 BLOCKS = ("adaln-zero", "adaln", "cross-attn", "in-context")
-KINDS = ("scaling", "blocks", "sampling-compute")
+KINDS = ("scaling", "blocks", "sampling-compute", "backbones")  # backbones: DiT vs U-Net (study/backbones.py)
 BATCH_SIZE = 64                  # the digits preset's batch; training compute uses it
 # The optimisation recipe of every cell, passed explicitly (the digits preset's values when
 # the study was written): AdamW lr 2e-3, 100 warm-up steps then constant, grad clip 1, EMA
@@ -154,6 +154,9 @@ def build_grid(kind: str, budget: str = "quick", data: str = DEFAULT_DATA) -> li
     """The cells of a study, smallest training compute first (seed repeats after their cell)."""
     b = check_budget(budget, data)
     check_kind(kind)
+    if kind == "backbones":  # its own grid of DiT / U-Net pairs
+        from dits.study.backbones import build_grid as backbones_grid
+        return backbones_grid(budget, data)
     common = dict(eval_every=b["eval_every"], eval_samples=b["eval_samples"], data=data)
     if kind == "blocks":
         s = b["blocks"]

@@ -505,6 +505,9 @@ def write_report(out: str | Path, kind: str, budget: str, data: str | None = Non
     then (scaling) findings 1-3 again on the held-out loss where the runs recorded it."""
     out = Path(out)
     data = data or study_data(out)
+    if kind == "backbones":  # DiT vs U-Net: its own table and verdicts (study/backbones.py)
+        from dits.study.backbones import write_report as backbones_report
+        return backbones_report(out, budget, data)
     key, loss_key = DATA_SETS[data]["metric"], DATA_SETS[data]["loss"]
     runs = read_study(out, kind, budget, data)
     table = rows(runs)

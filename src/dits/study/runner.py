@@ -178,7 +178,7 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
                                         env=env)
                 running[cell.name] = (proc, cell, time.time(), logf, logf.tell())
                 log(f"[{cell.name}] {'resuming' if state == 'partial' else 'started'}: {cell.label}, "
-                    f"{cell.tokens} tokens, {cell.gflops * 1e3:.3g} Mflops, {cell.steps} steps")
+                    f"{getattr(cell, 'shape_note', f'{cell.tokens} tokens')}, {cell.gflops * 1e3:.3g} Mflops, {cell.steps} steps")
             time.sleep(POLL_S)
             for name in [n for n, (p, *_rest) in running.items() if p.poll() is not None]:
                 proc, cell, started, logf, log_start = running.pop(name)

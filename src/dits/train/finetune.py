@@ -22,6 +22,8 @@ ARCH_KEYS = ("model", "depth", "hidden_size", "num_heads", "patch_size", "block"
 def adopt_architecture(cfg: TrainConfig, w: Weights, typed) -> TrainConfig:
     """``cfg`` with the model shape of the ``--init`` weights; a typed flag that disagrees is an error."""
     c = w.config
+    if getattr(c, "backbone", "dit") != "dit":
+        raise UserError(f"--init {cfg.init} holds {c.describe()} weights; --init fine-tunes DiT weights only")
     if c.mlp_ratio != 4.0:
         raise UserError(f"--init {cfg.init}: MLP ratio {c.mlp_ratio} is not supported for training (4 is)")
     name = next((f"DiT-{s}/{c.patch_size}" for s, dims in SIZES.items()

@@ -17,7 +17,9 @@ import contextlib
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,7 +30,7 @@ from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.models import DiT, create_model
 from dits.objectives import create_objective, resolve_learn_sigma
-from dits.speed import adamw, check_precision, compile_module, setup_device, should_compile
+from dits.speed import adamw, check_precision, setup_device
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
 from dits.train.faults import NonFiniteGuard, Preemption, agree, injected_fault
 from dits.train.outputs import (LossAccumulator, check_out_dir, clear_run_dir, plot_losses, preview, progress_bar,
@@ -36,6 +38,7 @@ from dits.train.outputs import (LossAccumulator, check_out_dir, clear_run_dir, p
 from dits.train.retention import prune_checkpoints
 from dits.train.sinks import clear_sink_files, open_sinks, require_backends
 from dits.train.sources import StepRandomness, build_data
+from dits.text.training import build_text
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -72,8 +75,14 @@ def clip_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
 
 
-def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int) -> DiT:
+def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int, text=None) -> DiT:
+    from dits.models.registry import build_for_training  # --backbone: another family builds its own model
+    other = build_for_training(cfg, in_channels, input_size, num_classes, resolve_learn_sigma(cfg.objective, cfg.learn_sigma))
+    if other is not None:
+        return other
     extra = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    if text is not None:  # a text run (dits.text.training): the text encoder's fields of DiTConfig
+        extra.update(text.model_fields)
     return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                         learn_sigma=resolve_learn_sigma(cfg.objective, cfg.learn_sigma),
                         class_dropout_prob=cfg.class_dropout_prob, block=cfg.block,
@@ -85,6 +94,60 @@ def _autocast(cfg: TrainConfig, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class StepParts:
+    """What one training step touches. ``net`` is ``model`` as the step calls it (DDP-wrapped,
+    compiled by the plan); ``decide(loss, gnorm)`` -> (bad, stop) is the step's one host sync."""
+    net: torch.nn.Module
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    objective: object
+    cfg: TrainConfig
+    device: torch.device
+    decide: Callable
+    plan: object = None          # a dits.plan.Plan: the kernels the step runs with
+    plan_record: dict | None = None
+
+
+@dataclass
+class StepResult:
+    losses: dict
+    loss: torch.Tensor
+    gnorm: torch.Tensor
+    bad: bool
+    stop: bool
+
+
+def train_step(p: StepParts, step: int, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict,
+               noise: torch.Tensor) -> StepResult:
+    """One optimisation step of the trainer (and of `dits bench train`, which times this function):
+    loss under autocast, backward, gradient norm (and clip), then, unless the step is non-finite,
+    AdamW and the EMA. A non-finite step under ``on_nonfinite: stop`` returns before anything is
+    updated (the caller stops the run); under ``skip`` the update is dropped."""
+    cfg = p.cfg
+    with p.plan.scope() if p.plan is not None else contextlib.nullcontext():
+        for group in p.opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        with _autocast(cfg, p.device):
+            losses = p.objective.training_losses(p.net, x, t, model_kwargs=model_kwargs, noise=noise)
+        loss = losses["loss"].mean()
+        p.opt.zero_grad(set_to_none=True)
+        p.scaler.scale(loss).backward()
+        p.scaler.unscale_(p.opt)
+        gnorm = clip_grads(p.model, cfg.grad_clip)
+        # one host sync per step: whether to step must be known here, on every process alike
+        bad, stop = p.decide(loss, gnorm)
+        if bad and cfg.on_nonfinite == "stop":
+            return StepResult(losses, loss, gnorm, True, stop)
+        if not bad:
+            p.scaler.step(p.opt)
+            update_ema(p.ema, p.model, ema_decay_at(cfg, step))
+        p.scaler.update()
+    return StepResult(losses, loss, gnorm, bad, stop)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, typed=None,
@@ -120,8 +183,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     source, vae, channels, size = build_data(cfg, ctx, typed)
     # how to decode samples later (`dits sample`): the VAE given, or the one that made the cache
     vae_spec = cfg.vae or getattr(getattr(source, "dataset", None), "vae_spec", None)
+    source, text = build_text(cfg, source, ctx, state)  # text runs: captions per example; else (source, None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
-    model = build_model(cfg, channels, size, source.num_classes).to(ctx.device)
+    model = build_model(cfg, channels, size, source.num_classes, text).to(ctx.device)
     notes = []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -147,7 +211,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     objective = create_objective(cfg.objective, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
-                                 diffusion_steps=cfg.diffusion_steps)
+                                 diffusion_steps=cfg.diffusion_steps, loss_weighting=cfg.loss_weighting,
+                                 t_sampling=cfg.t_sampling)
     rand = StepRandomness(cfg.seed, len(source), cfg.batch_size, cfg.flip)
     lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
 
@@ -162,6 +227,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
         print(f"dits train: {cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.latents or cfg.data}, "
               f"{len(source)} examples, {ctx.world} process(es) on {ctx.device}, batch {cfg.batch_size}, "
               f"steps {start}->{cfg.steps}, run dir {out}", flush=True)
+        if text is not None:
+            print(f"dits train: text: {text.describe()}", flush=True)
         if resume:
             print(f"dits train: resuming from step {start}" + "".join(
                 f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
@@ -177,6 +244,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     batches = iter(source.batches(rand, start, cfg.steps, lo, hi))
     model.train()
     with Preemption() as preempt:
+        def decide(loss, gnorm):
+            return agree(ctx, guard.bad(loss, gnorm), preempt.requested())
+        parts = None
         try:
             for step in range(start, cfg.steps):
                 # ---- the global batch's randomness, then this process's slice
@@ -192,30 +262,23 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                 kwargs = {}
                 if source.num_classes > 0:
                     kwargs = {"y": y.to(ctx.device), "force_drop_ids": drop[lo:hi].to(ctx.device)}
+                elif text is not None:  # y holds example indices; the step's captions, null where dropped
+                    kwargs = {**text.kwargs(y, step, lo, hi, ctx.device), "force_drop_ids": drop[lo:hi].to(ctx.device)}
                 # ---- loss, backward, step
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, step)
-                with _autocast(cfg, ctx.device):
-                    losses = objective.training_losses(net, x, t[lo:hi].to(ctx.device), model_kwargs=kwargs,
-                                                        noise=noise)
-                loss = losses["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                gnorm = clip_grads(model, cfg.grad_clip)
-                # one host sync per step: whether to step must be known here, on every process alike
-                bad, stop = agree(ctx, guard.bad(loss, gnorm), preempt.requested())
-                if bad and cfg.on_nonfinite == "stop":
-                    raise guard.stop(step, cfg, float(loss.detach()), float(gnorm.detach()),
+                t_local = t[lo:hi].to(ctx.device)
+                if parts is None:  # the first step: the plan is chosen on this step's own inputs (dits.plan)
+                    parts = _plan_parts(cfg, model, net, ema, opt, scaler, objective, ctx, start, state, decide,
+                                        (x, t_local, kwargs, noise), bar)
+                res = train_step(parts, step, x, t_local, kwargs, noise)
+                if res.bad and cfg.on_nonfinite == "stop":
+                    raise guard.stop(step, cfg, float(res.loss.detach()), float(res.gnorm.detach()),
                                      latest_checkpoint(out) if ctx.main else None)
-                if bad:
+                if res.bad:
                     guard.skipped += 1  # drop this update (and the EMA's); log how many
                     acc.skip()
                 else:
-                    scaler.step(opt)
-                    update_ema(ema, model, ema_decay_at(cfg, step))
-                    acc.add(losses, gnorm)
-                scaler.update()
+                    acc.add(res.losses, res.gnorm)
+                stop = res.stop
                 done = step + 1
                 if bar is not None:
                     bar.update(1)
@@ -228,7 +291,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                         if bar is not None and rec.get("loss") is not None:
                             bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
-                    ckpt = _state(cfg, done, model, ema, opt, scaler, vae_spec)  # collective under FSDP
+                    ckpt = _state(cfg, done, model, ema, opt, scaler, vae_spec, parts.plan_record)  # collective under FSDP
                     if ctx.main:
                         save_checkpoint(checkpoint_path(out, done), ckpt)  # durable before older ones go
                         prune_checkpoints(out, cfg.keep_last, cfg.keep_every)
@@ -243,9 +306,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                             f"{checkpoint_path(out, done)} written; continue with: dits train --resume {out}")
                     break
                 if done % sample_every == 0 or done == cfg.steps:
-                    sampler_model = ema if not cfg.fsdp else full_copy(ema, lambda: build_model(cfg, channels, size, source.num_classes), ctx)
+                    sampler_model = ema if not cfg.fsdp else full_copy(ema, lambda: build_model(cfg, channels, size, source.num_classes, text), ctx)
                     if ctx.main:
-                        summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar)
+                        summary = preview(cfg, sampler_model, vae, out, done, source.num_classes, ctx.device, bar,
+                                          prompts=text.preview_prompts if text is not None else None)
                         sinks.preview(done, summary)
                     ctx.barrier()
                 fault(done)
@@ -264,27 +328,40 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
 
 
 def _speed_up(cfg: TrainConfig, model: DiT, net: torch.nn.Module, ctx, start: int) -> torch.nn.Module:
-    """The speed choices (dits.speed) that change how the step runs, never what it computes."""
+    """The speed choices (dits.speed) that change how the step runs, never what it computes. The
+    plan (compile, GEMM and attention kernels) is chosen at the first step, see _plan_parts; a
+    --plan or --compile this machine cannot run is refused here, before any work."""
+    from dits.plan import check_request
+
     check_precision(cfg.precision, ctx.device)
+    check_request(cfg.plan, cfg.compile, ctx.device, cfg.precision, hasattr(model, "blocks"))
     setup_device(ctx.device)
     model.grad_checkpoint = cfg.grad_checkpoint
-    plan, why_not = should_compile(cfg.compile, ctx.device, cfg.steps - start, cfg.precision)
-    if why_not and ctx.main:
-        print(f"dits train: {why_not}", flush=True)
-    if plan and ctx.main:
-        what = "each transformer block" if plan == "blocks" else "the whole model"
-        print(f"dits train: torch.compile of {what} (--compile {cfg.compile}); the first step includes it", flush=True)
-    return compile_module(net, plan, model) if plan else net
+    return net
 
 
-def _state(cfg, step, model, ema, opt, scaler, vae_spec) -> dict:
+def _plan_parts(cfg, model, net, ema, opt, scaler, objective, ctx, start, state, decide, example, bar) -> StepParts:
+    """The run's plan (dits.plan: measured on copies of the model with this first step's inputs,
+    or from the cache, or kept from the checkpoint on resume), applied to ``net``."""
+    from dits.plan import choose_for_run
+
+    choice = choose_for_run(cfg, model, ctx, cfg.steps - start, example, objective,
+                            resumed=(state or {}).get("plan"))
+    if ctx.main:
+        line = f"dits train: {choice.line}"
+        bar.write(line) if bar is not None else print(line, flush=True)
+    return StepParts(choice.plan.wrap(net, model), model, ema, opt, scaler, objective, cfg, ctx.device, decide,
+                     choice.plan, choice.record())
+
+
+def _state(cfg, step, model, ema, opt, scaler, vae_spec, plan=None) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {"format": "dits", "version": 1, "kind": "train", "step": step, "vae_spec": vae_spec,
             "model_config": model.config.to_dict(), "train_config": cfg.to_dict(),
             "model": full_state(model), "ema": full_state(ema), "opt": opt_state,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "plan": plan,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 

@@ -105,12 +105,16 @@ def to_yaml(d: dict) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
-def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: int, device, bar=None) -> dict:
-    """Sample a grid (one row per class) with the EMA weights; on digits, score samples."""
+def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: int, device, bar=None,
+            prompts=None) -> dict:
+    """Sample a grid (one row per class, or per prompt for text runs) with the EMA weights; on the
+    built-in data, score samples (text runs on the digits: the digits-text check)."""
     from dits.sample import generate, grid_labels, save_grid
 
     if cfg.latents and vae is None:
         return {}  # trained from a latent cache without --vae: nothing to decode previews with
+    if prompts:
+        return _preview_text(cfg, ema, vae, out, step, device, bar, list(prompts))
     rows = num_classes if num_classes > 0 else 8
     per = cfg.samples_per_class
     labels = grid_labels(num_classes, per) if num_classes > 0 else None
@@ -138,6 +142,32 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **m}) + "\n")
         result["digits_metric"] = m
+    return result
+
+
+def _preview_text(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, device, bar, prompts: list) -> dict:
+    """A text run's preview: one row per prompt; on the digits captions, the digits-text check."""
+    from dits.objectives import DEFAULT_SAMPLER
+    from dits.sample import generate, grid_labels, save_grid
+
+    per = cfg.samples_per_class
+    common = dict(sampler=cfg.sampler or DEFAULT_SAMPLER[cfg.objective], steps=cfg.sample_steps,
+                  cfg_scale=cfg.cfg_scale, vae=vae, device=device, diffusion_steps=cfg.diffusion_steps,
+                  noise_schedule=cfg.noise_schedule, objective=cfg.objective, guidance_interval=cfg.guidance_interval)
+    images, _ = generate(ema, len(prompts) * per, prompts=prompts, labels=grid_labels(len(prompts), per),
+                         seed=cfg.seed, **common)
+    path = out / f"samples_{step:07d}.png"
+    save_grid(images, path, ncol=per, row_labels=prompts)
+    result = {"samples": str(path)}
+    if cfg.data == "digits" and not cfg.latents and cfg.eval_samples > 0 and (cfg.captions or "digits") == "digits":
+        from dits.text.digits import digits_text_report, format_report
+
+        per_prompt = max(1, cfg.eval_samples // 20)  # 20 prompts: two phrasings x 10 digits
+        r = digits_text_report(ema, per_prompt=per_prompt, seed=cfg.seed + 10_000, **common)
+        (bar.write if bar is not None else print)(f"step {step}: {format_report(r)}")
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "digits_text": r}) + "\n")
+        result["digits_text"] = r
     return result
 
 

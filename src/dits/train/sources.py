@@ -146,7 +146,8 @@ def build_data(cfg: TrainConfig, ctx: Dist, typed=()):
         return TensorSource(x, y, entry.num_classes), None, entry.channels, entry.image_size
     from dits.data.folder import ImageFolderDataset
 
-    ds = ImageFolderDataset(cfg.data, cfg.image_size, flip=False)
+    # a text run reads every image under the folder (their captions say what they are), a label run the classes
+    ds = ImageFolderDataset(cfg.data, cfg.image_size, flip=False, captioned=cfg.text_encoder is not None)
     source = DatasetSource(ds, ds.num_classes, cfg.num_workers, cfg.seed)
     if not cfg.vae:
         return source, None, 3, cfg.image_size

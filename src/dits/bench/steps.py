@@ -1,0 +1,62 @@
+"""The trainer's step as something to time: what the plan probe (dits.plan) and `dits bench train`
+both run, so that what is timed is what trains."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class TrainStepRunner:
+    """Calls :func:`dits.train.loop.train_step` on its own model (a copy of ``model`` unless
+    ``copy_model`` is False), EMA and optimiser, compiled and with kernels as ``plan`` says, on the
+    inputs ``inputs()`` returns: (x, t, model_kwargs, noise). Each :meth:`run` is one step with the
+    loop's bookkeeping (the loss accumulator, the non-finite check's host sync)."""
+
+    def __init__(self, plan, model: torch.nn.Module, cfg, objective, device: torch.device, inputs,
+                 copy_model: bool = True, step: int = 0):
+        from dits.speed import adamw
+        from dits.train.distributed import Dist
+        from dits.train.faults import NonFiniteGuard, agree
+        from dits.train.loop import StepParts
+        from dits.train.outputs import LossAccumulator
+
+        self.device, self.inputs, self.step = device, inputs, step
+        self.model = copy.deepcopy(model) if copy_model else model
+        self.model.train()
+        ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.net = plan.wrap(self.model, self.model, quiet=True)
+        opt = adamw(self.model.parameters(), cfg.lr, cfg.weight_decay, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        guard, ctx, no_signal = NonFiniteGuard(cfg.on_nonfinite, fp16=cfg.precision == "fp16"), Dist(0, 1, device), torch.zeros(())
+
+        def decide(loss, gnorm):
+            return agree(ctx, guard.bad(loss, gnorm), no_signal)
+        self.parts = StepParts(self.net, self.model, ema, opt, scaler, objective, cfg, device, decide, plan)
+        self.acc = LossAccumulator()
+
+    def run(self) -> None:
+        from dits.train.loop import train_step
+
+        x, t, kwargs, noise = self.inputs()
+        res = train_step(self.parts, self.step, x, t, kwargs, noise)
+        if res.bad:
+            self.acc.skip()
+        else:
+            self.acc.add(res.losses, res.gnorm)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def failed(self) -> str | None:
+        """Why the plan's compile failed (the step then ran eager), or None."""
+        return getattr(self.net, "why", "torch.compile failed") if getattr(self.net, "failed", False) else None
+
+    def close(self) -> None:
+        compiled = self.parts.plan is not None and self.parts.plan.compile
+        for blk in getattr(self.model, "blocks", []):
+            blk._compiled_call_impl = None
+        self.parts = self.net = self.model = None
+        if compiled:
+            torch._dynamo.reset()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,598 @@
+"""The plan: how a run's training step executes, measured on the machine it runs on.
+
+A plan is a set of fast-path choices. Each choice picks between implementations of the same
+function (dits.speed), so a plan changes the speed of a step, never what it computes:
+
+- mode: ``eager``, ``compile-blocks`` (each transformer block compiled; the blocks share one
+  graph, so it compiles in seconds) or ``compile-model`` (the whole network as one graph);
+- gemm, CPU fp32 only: ``onednn`` (dits.speed's oneDNN linear) or ``mkl`` (``F.linear``);
+- attention, CPU only: ``sdpa`` or ``math`` (two matmuls and a softmax).
+
+A name joins them with "+" (``eager+onednn+sdpa``, ``compile-blocks+math``); a part left out
+keeps dits.speed's rule for it.
+
+With ``--plan auto`` (the default) and ``--compile auto``, :func:`choose` times the candidate
+plans on the run's own model, batch, dtype and device, on copies of the model and optimiser and
+the run's first batch (:func:`probe`): a few steps each, a candidate stopped as soon as it cannot
+win, compile candidates held to a deadline. It picks the plan with the least total time *for this
+run's length*, compile time included, and prints one line. The measurements are cached per
+(device model, torch version, threads, model shape, batch, precision, ...) under
+``dits.evaluate.cache.cache_dir()/plans``, so the next run with the same key decides without
+measuring; a run of another length decides from the same measurements unless a candidate that was
+cut short might win at the new length. ``--plan NAME`` forces a plan, ``--compile on`` compiles the
+whole model, ``--compile off`` measures the eager plans only. Runs shorter than ``MIN_PROBE_STEPS``
+and ``--fsdp`` runs are not measured: they take dits.speed's rules (``should_compile``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from dits.errors import UserError
+
+MODES = ("eager", "compile-blocks", "compile-model")
+GEMMS = ("onednn", "mkl")
+ATTENTIONS = ("sdpa", "math")
+FORMAT = 1                 # of the cache entries; a change makes old entries invalid
+
+# The probe. Every candidate costs about WARMUP + TIMED steps (plus a compile); a run shorter than
+# MIN_PROBE_STEPS would spend a noticeable share of itself measuring (4 eager candidates x ~10
+# steps is 8 % of 500 steps), so it takes the rules instead.
+MIN_PROBE_STEPS = 500
+MIN_TIMED, MAX_TIMED = 3, 8      # timed steps per candidate (after warm-up)
+CANDIDATE_SECONDS = 4.0          # stop timing a candidate after this much (MIN_TIMED steps at least)
+NOISE_MARGIN = 0.03              # a candidate is stopped once its estimate is this much over the best
+SWITCH_MARGIN = 0.02             # another plan replaces the rules' plan only when this much faster in total
+BUDGET_FRACTION = 0.10           # compile candidates may use this share of the run's estimated time ...
+BUDGET_MAX_S = 600.0             # ... and never more than this
+
+
+# ----------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class Plan:
+    mode: str = "eager"
+    gemm: str | None = None        # None: dits.speed's rule (oneDNN where it applies)
+    attention: str | None = None   # None: dits.speed's rule (attention_impl)
+
+    @property
+    def name(self) -> str:
+        return "+".join(p for p in (self.mode, self.gemm, self.attention) if p)
+
+    @property
+    def compile(self) -> str | None:
+        """What dits.speed.compile_module compiles: None, "blocks" or "model"."""
+        return {"eager": None, "compile-blocks": "blocks", "compile-model": "model"}[self.mode]
+
+    @classmethod
+    def parse(cls, name: str) -> "Plan":
+        parts = [p for p in str(name).strip().lower().split("+") if p]
+        mode = gemm = attention = None
+        for p in parts:
+            if p in MODES and mode is None:
+                mode = p
+            elif p in GEMMS and gemm is None:
+                gemm = p
+            elif p in ATTENTIONS and attention is None:
+                attention = p
+            else:
+                raise UserError(f"unknown plan {name!r}: a plan is MODE[+GEMM][+ATTENTION] with MODE one of "
+                                f"{', '.join(MODES)}, GEMM {' or '.join(GEMMS)}, ATTENTION {' or '.join(ATTENTIONS)} "
+                                "(e.g. eager+onednn+sdpa), or auto")
+        if not parts:
+            raise UserError("--plan is empty; give auto or a plan name such as eager+onednn+sdpa")
+        return cls(mode or "eager", gemm, attention)
+
+    def scope(self):
+        """The kernels this plan forces, as a context for one training step (dits.speed.forced)."""
+        from dits.speed import forced
+        return forced(self.attention or "auto", self.gemm or "auto")
+
+    def wrap(self, net: torch.nn.Module, model: torch.nn.Module, quiet: bool = False) -> torch.nn.Module:
+        from dits.speed import compile_module
+        return compile_module(net, self.compile, model, quiet=quiet) if self.compile else net
+
+
+def check_plan_name(name: str) -> None:
+    """``--plan``'s value, checked before any work (TrainConfig.validate)."""
+    if name not in ("auto",):
+        Plan.parse(name)
+
+
+def runnable(plan: Plan, device: torch.device, precision: str) -> str | None:
+    """Why ``plan`` cannot run here, or None if it can."""
+    from dits.speed import compiler_missing, onednn_available
+
+    if plan.compile:
+        missing = compiler_missing(device)
+        if missing:
+            return f"{plan.mode} needs torch.compile, but {missing}"
+    if plan.gemm and device.type != "cpu":
+        return f"{plan.gemm} is a CPU GEMM backend (this run is on {device})"
+    if plan.gemm == "onednn":
+        if precision != "fp32":
+            return f"oneDNN's linear runs fp32 only (this run is {precision}; drop +onednn)"
+        if not onednn_available():
+            return "this torch build has no oneDNN linear kernel (use +mkl)"
+    if plan.attention and device.type != "cpu":
+        return f"the attention choice is a CPU one (on {device} attention is always SDPA)"
+    return None
+
+
+def rule_attention(device: torch.device, precision: str) -> str | None:
+    """The attention kernel dits.speed's rule picks for a training step (None off the CPU)."""
+    from dits.speed import attention_impl
+
+    if device.type != "cpu":
+        return None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return attention_impl("cpu", dtype, 1, True)
+
+
+def rule_gemm(device: torch.device, precision: str) -> str | None:
+    from dits.speed import onednn_available
+
+    if device.type != "cpu" or precision != "fp32":
+        return None
+    return "onednn" if onednn_available() else "mkl"
+
+
+def rules_plan(device: torch.device, precision: str, compile_mode: str, steps: int) -> Plan:
+    """What dits.speed's fixed rules (should_compile, attention_impl, the oneDNN rule) give."""
+    from dits.speed import should_compile
+
+    what, _ = should_compile(compile_mode, device, steps, precision)
+    mode = {None: "eager", "blocks": "compile-blocks", "model": "compile-model"}[what]
+    return Plan(mode, rule_gemm(device, precision), rule_attention(device, precision))
+
+
+def eager_candidates(device: torch.device, precision: str) -> list[Plan]:
+    """Every eager plan that can run here, the rules' one first."""
+    from dits.speed import onednn_available
+
+    g0, a0 = rule_gemm(device, precision), rule_attention(device, precision)
+    gemms = [g0] if g0 is None else [g0, *[g for g in GEMMS if g != g0 and (g != "onednn" or onednn_available())]]
+    attns = [a0] if a0 is None else [a0, *[a for a in ATTENTIONS if a != a0]]
+    return [Plan("eager", g, a) for g in gemms for a in attns]
+
+
+def compile_candidates(device: torch.device, like: Plan) -> list[Plan]:
+    """The compiled plans, with the kernels of ``like`` (the fastest eager plan) for what stays eager."""
+    from dits.speed import compiler_missing
+
+    if compiler_missing(device):
+        return []
+    return [Plan(mode, like.gemm, like.attention) for mode in ("compile-blocks", "compile-model")]
+
+
+def all_candidates(device: torch.device, precision: str, compile_mode: str = "auto") -> list[Plan]:
+    """Every plan `dits bench --plan all` times: the eager ones, then the compiled ones (rules' kernels)."""
+    eager = eager_candidates(device, precision)
+    return eager + (compile_candidates(device, eager[0]) if compile_mode != "off" else [])
+
+
+# ----------------------------------------------------------------------------- the cache key
+def cpu_name() -> str:
+    """The CPU model: vendor string, family/model/stepping and the vector ISA (Linux), else platform's."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                k, _, v = line.partition(":")
+                info[k.strip()] = v.strip()
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']} model {info.get('model', '?')} stepping {info.get('stepping', '?')})"
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in info.get("flags", "").split()]
+    if isa:
+        name += " " + ",".join(isa)
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm {major}{minor})"
+    return cpu_name()
+
+
+def torch_version() -> str:
+    return torch.__version__
+
+
+def plan_key(device: torch.device, model_config: dict, batch: int, precision: str, *, objective: str = "diffusion",
+             grad_checkpoint: bool = False, world: int = 1) -> dict:
+    """What a measured plan depends on. Two runs with the same key time the same plans alike."""
+    return {"format": FORMAT, "device": device_name(device), "torch": torch_version(),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "model": {k: model_config[k] for k in sorted(model_config)}, "batch": int(batch), "precision": precision,
+            "objective": objective, "grad_checkpoint": bool(grad_checkpoint), "world": int(world)}
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- measuring
+@dataclass
+class Measurement:
+    """One candidate's timing. ``status``: "measured"; "stopped" (estimate only: it could not win
+    the run it was probed for); "bound" (cut short while compiling: ``bound_s`` is a lower bound of
+    its compile time, ``allowed_s`` what it was allowed); "failed" (``note`` says why)."""
+    plan: str
+    status: str
+    step_s: float | None = None
+    compile_s: float = 0.0
+    timed: int = 0
+    bound_s: float = 0.0
+    allowed_s: float = 0.0
+    note: str = ""
+
+    def total(self, steps: int) -> float | None:
+        if self.status in ("measured", "stopped") and self.step_s is not None:
+            return self.compile_s + steps * self.step_s
+        return None
+
+
+class ProbeDeadline(BaseException):
+    """Raised inside a compile that ran past its deadline (a BaseException, so that no
+    ``except Exception`` on the way swallows it)."""
+
+
+@contextlib.contextmanager
+def alarm(seconds: float | None):
+    """Raise :class:`ProbeDeadline` in this thread after ``seconds`` (SIGALRM; main thread only,
+    elsewhere or with None no deadline)."""
+    if seconds is None or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(signum, frame):
+        raise ProbeDeadline()
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def measure(plan: Plan, make_step: Callable, steps: int, best_total: float | None = None,
+            allowed_s: float | None = None, clock: Callable[[], float] = time.perf_counter,
+            deadline=alarm) -> Measurement:
+    """Time ``plan``: build its step (``make_step(plan)`` -> an object with ``run()``, ``close()``
+    and ``failed()``), a warm-up call (with the compile for a compiled plan), then up to MAX_TIMED
+    timed calls. Stops as soon as the plan cannot beat ``best_total`` for a run of ``steps``."""
+    compiled = plan.compile is not None
+    handle, start = None, clock()
+    try:
+        with deadline(allowed_s if compiled else None):
+            handle = make_step(plan)
+            t = clock()
+            handle.run()
+            first = clock() - t
+            why = handle.failed()
+            if why:
+                return Measurement(plan.name, "failed", note=why)
+            if compiled and best_total is not None and first >= best_total:
+                return Measurement(plan.name, "bound", bound_s=first, allowed_s=allowed_s or first,
+                                   note="its compile alone takes longer than the best plan's whole run")
+            if compiled:
+                handle.run()  # a second warm-up call: a compiled step's first backward may still compile
+        times, status = [], "measured"
+        t_begin = clock()
+        while len(times) < MAX_TIMED:
+            t = clock()
+            handle.run()
+            times.append(clock() - t)
+            if len(times) < MIN_TIMED:
+                continue
+            s = statistics.median(times)
+            c = max(first - s, 0.0) if compiled else 0.0
+            if best_total is not None and c + steps * s > best_total * (1 + NOISE_MARGIN):
+                status = "stopped"
+                break
+            if clock() - t_begin > CANDIDATE_SECONDS:
+                break
+        s = statistics.median(times)
+        return Measurement(plan.name, status, step_s=s, compile_s=max(first - s, 0.0) if compiled else 0.0,
+                           timed=len(times))
+    except ProbeDeadline:
+        spent = clock() - start
+        return Measurement(plan.name, "bound", bound_s=spent, allowed_s=allowed_s or spent,
+                           note="compile cut short at its deadline")
+    except Exception as e:  # noqa: BLE001 - out of memory, a kernel this build lacks, ...: not a candidate
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        return Measurement(plan.name, "failed", note=f"{type(e).__name__}: {why}")
+    finally:
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                handle.close()
+
+
+def budget(steps: int, step_s: float) -> float:
+    """How long compile candidates may take to probe, for a run of ``steps`` at ``step_s``."""
+    return min(BUDGET_FRACTION * steps * step_s, BUDGET_MAX_S)
+
+
+def best(ms: dict[str, Measurement], names, steps: int) -> tuple[str | None, float | None]:
+    totals = {n: ms[n].total(steps) for n in names if n in ms and ms[n].total(steps) is not None}
+    if not totals:
+        return None, None
+    n = min(totals, key=totals.get)
+    return n, totals[n]
+
+
+def candidates_for(ms: dict[str, Measurement], eager: list[Plan], device, compile_ok: bool, steps: int,
+                   has_blocks: bool = True) -> list[Plan]:
+    """The eager plans, then (if compiling is allowed) the compiled plans built on the fastest eager
+    one as measured in ``ms`` (None yet: the rules' kernels); compile-blocks only for a model with
+    transformer ``blocks``."""
+    plans = list(eager)
+    if compile_ok:
+        name, _ = best(ms, [p.name for p in eager], steps)
+        like = next((p for p in eager if p.name == name), eager[0])
+        plans += [p for p in compile_candidates(device, like) if has_blocks or p.mode != "compile-blocks"]
+    return plans
+
+
+def unsettled(ms: dict[str, Measurement], plans: list[Plan], steps: int) -> list[Plan]:
+    """The candidates whose measurements cannot decide a run of ``steps``: never measured, or cut
+    short while compiling with less time than this run would allow and a bound it might still beat."""
+    default = plans[0].name
+    if default not in ms or ms[default].total(steps) is None:
+        return list(plans)
+    _, top = best(ms, [p.name for p in plans], steps)
+    allow = min(top, budget(steps, ms[default].step_s))
+    out = []
+    for p in plans:
+        m = ms.get(p.name)
+        if m is None or (m.status == "bound" and m.bound_s < top and m.allowed_s < allow * (1 - 1e-9)):
+            out.append(p)
+    return out
+
+
+def probe(plans: list[Plan], make_step: Callable, steps: int, known: dict[str, Measurement] | None = None, *,
+          clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
+    """Measure the ``plans`` not in ``known``, in order (the first is the baseline: the rules'
+    plan), each against the best total so far; returns ``known`` with the new measurements."""
+    ms = dict(known or {})
+    for p in plans:
+        if p.name in ms:
+            continue
+        _, top = best(ms, [q.name for q in plans], steps)
+        allowed = None
+        if p.compile:
+            base = ms.get(plans[0].name)
+            allowed = min(top if top is not None else math.inf,
+                          budget(steps, base.step_s) if base and base.step_s else BUDGET_MAX_S)
+        ms[p.name] = measure(p, make_step, steps, top, allowed, clock, deadline)
+    return ms
+
+
+def decide(ms: dict[str, Measurement], plans: list[Plan], steps: int) -> Plan:
+    """The plan with the least total time for ``steps`` (compile included); the first plan (the
+    rules') unless another is SWITCH_MARGIN faster."""
+    names = [p.name for p in plans]
+    name, top = best(ms, names, steps)
+    if name is None:
+        return plans[0]
+    base = ms[names[0]].total(steps) if names[0] in ms else None
+    if base is not None and top > base * (1 - SWITCH_MARGIN):
+        name = names[0]
+    return next(p for p in plans if p.name == name)
+
+
+def describe(chosen: Plan, ms: dict[str, Measurement], plans: list[Plan], steps: int) -> str:
+    """``plan eager+onednn+sdpa, 30.1 ms/step; compile-blocks+sdpa would be 33.0 ms + 6.4 s, ...``"""
+    m = ms.get(chosen.name)
+    head = f"plan {chosen.name}"
+    if m and m.step_s is not None:
+        head += f", {m.step_s * 1e3:.1f} ms/step" + (f" + {m.compile_s:.0f} s compile" if chosen.compile else "")
+    others = []
+    for mode in MODES:
+        rivals = [p for p in plans if p.mode == mode and p != chosen and p.name in ms]
+        if not rivals:
+            continue
+        measured = [p for p in rivals if ms[p.name].total(steps) is not None]
+        if measured:
+            p = min(measured, key=lambda q: ms[q.name].total(steps))
+            r = ms[p.name]
+            others.append(f"{p.name} would be {r.step_s * 1e3:.1f} ms" + (f" + {r.compile_s:.0f} s" if p.compile else ""))
+        elif mode != "eager":
+            r = max((ms[p.name] for p in rivals), key=lambda r: r.bound_s)
+            others.append(f"{rivals[0].name} " + (f"failed ({r.note})" if r.status == "failed"
+                                                  else f"> {r.bound_s:.0f} s to compile"))
+    return head + ("; " + ", ".join(others) if others else "") + f" (for {steps:,} steps)"
+
+
+# ----------------------------------------------------------------------------- the cache
+def cache_file(digest: str):
+    from dits.evaluate.cache import cache_dir
+    return cache_dir() / "plans" / f"{digest}.json"
+
+
+def load_cached(key: dict) -> dict[str, Measurement]:
+    """The cached measurements for ``key`` ({} if none, unreadable, or made for another key)."""
+    path = cache_file(key_digest(key))
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("key") != json.loads(json.dumps(key, default=str)):
+            return {}
+        return {n: Measurement(**m) for n, m in entry.get("plans", {}).items()}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def save_cached(key: dict, ms: dict[str, Measurement], probe_s: float, steps: int, warn=None) -> bool:
+    """Write the measurements for ``key``; an unwritable cache is one warning line, nothing else."""
+    from dits.fileio import write_json_atomic
+
+    path = cache_file(key_digest(key))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    entry = {"key": json.loads(json.dumps(key, default=str)), "plans": {n: asdict(m) for n, m in ms.items()},
+             "probed": {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(probe_s, 2), "run_steps": steps,
+                        "loadavg": [round(x, 2) for x in load] if load else None}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, entry)
+        return True
+    except OSError as e:
+        (warn or _stderr)(f"plan cache {path.parent} is not writable ({e.strerror or e}); running without caching")
+        return False
+
+
+def _stderr(msg: str) -> None:
+    print(f"dits: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the decision
+@dataclass
+class Choice:
+    plan: Plan
+    line: str                         # the one line the run prints
+    key: dict | None = None
+    measurements: dict = field(default_factory=dict)
+    probed: bool = False              # whether anything was timed for this run
+
+    def record(self) -> dict:
+        """What a checkpoint keeps, so that a resume on the same machine keeps the plan."""
+        return {"name": self.plan.name, "key": key_digest(self.key) if self.key else None}
+
+
+def choose(request: str, *, compile_mode: str, device: torch.device, precision: str, steps: int, key: dict,
+           make_step: Callable, resumed: dict | None = None, measurable: bool = True, why_not: str = "",
+           has_blocks: bool = True, warn=None, clock: Callable[[], float] = time.perf_counter,
+           deadline=alarm) -> Choice:
+    """The plan for a run of ``steps`` more steps (see the module docstring).
+
+    ``request``: ``--plan`` (auto or a name); ``compile_mode``: ``--compile``; ``resumed``: the
+    plan record of the checkpoint a resume starts from; ``measurable`` False (with ``why_not``)
+    takes the rules without measuring (e.g. under FSDP)."""
+    def bad(msg):
+        return UserError(f"--plan {request}: {msg}")
+
+    if request != "auto":
+        plan = Plan.parse(request)
+        if compile_mode == "off" and plan.compile:
+            raise bad("contradicts --compile off")
+        if compile_mode == "on" and plan.mode != "compile-model":
+            raise bad("contradicts --compile on (which compiles the whole model)")
+        why = runnable(plan, device, precision)
+        if not why and plan.mode == "compile-blocks" and not has_blocks:
+            why = "this model has no transformer blocks to compile one by one (use compile-model)"
+        if why:
+            raise bad(why)
+        return Choice(plan, f"plan {plan.name} (--plan)", key)
+    if compile_mode == "on":
+        plan = rules_plan(device, precision, "on", steps)
+        return Choice(plan, f"plan {plan.name} (--compile on)", key)
+    if resumed and resumed.get("key") == key_digest(key):
+        try:
+            plan = Plan.parse(resumed.get("name", ""))
+        except UserError:
+            plan = None
+        if plan is not None and runnable(plan, device, precision) is None and (compile_mode == "auto" or not plan.compile):
+            return Choice(plan, f"plan {plan.name} (kept from the run: same machine, torch and shape)", key)
+    if not measurable or steps < MIN_PROBE_STEPS:
+        plan = rules_plan(device, precision, compile_mode, steps)
+        if plan.mode == "compile-blocks" and not has_blocks:
+            plan = Plan("compile-model", plan.gemm, plan.attention)
+        why = (why_not if not measurable else "") or f"a run of {steps:,} steps is too short to measure (< {MIN_PROBE_STEPS})"
+        return Choice(plan, f"plan {plan.name} (the rules: {why})", key)
+    eager = eager_candidates(device, precision)
+    compile_ok = compile_mode == "auto"
+    ms = load_cached(key)
+    plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)
+    todo = unsettled(ms, plans, steps)
+    probed, t0 = False, clock()
+    if todo:
+        def drop(names):
+            return {k: v for k, v in ms.items() if k not in {p.name for p in names}}
+        ms = probe(eager, make_step, steps, drop(todo), clock=clock, deadline=deadline)      # the eager plans
+        plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)             # compiled on the best
+        ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
+        probed = True
+        if ms.get(eager[0].name) is None or ms[eager[0].name].total(steps) is None:
+            plan = rules_plan(device, precision, compile_mode, steps)
+            note = ms.get(eager[0].name).note if ms.get(eager[0].name) else "no measurement"
+            return Choice(plan, f"plan {plan.name} (the rules: the probe failed: {note})", key, ms, True)
+        spent = clock() - t0
+        saved = save_cached(key, ms, spent, steps, warn)
+        source = f"measured in {spent:.0f} s" + (", cached" if saved else "")
+    else:
+        source = "from the plan cache"
+    chosen = decide(ms, plans, steps)
+    return Choice(chosen, f"{describe(chosen, ms, plans, steps)}; {source}", key, ms, probed)
+
+
+def check_request(request: str, compile_mode: str, device: torch.device, precision: str,
+                  has_blocks: bool = True) -> None:
+    """A forced ``--plan`` (or ``--compile on``) this machine cannot run: one line, before any work."""
+    from dits.speed import compiler_missing
+
+    if request == "auto":
+        if compile_mode == "on" and compiler_missing(device):
+            raise UserError(f"--compile on: {compiler_missing(device)}; use --compile off (or auto)")
+        return
+    choose(request, compile_mode=compile_mode, device=device, precision=precision, steps=0, key={},
+           make_step=None, has_blocks=has_blocks)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device):
+    """The probe leaves the global random state as it found it (the run's trajectory is untouched)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def choose_for_run(cfg, model: torch.nn.Module, ctx, steps: int, example: tuple, objective,
+                   resumed: dict | None = None) -> Choice:
+    """The plan of a `dits train` run: :func:`choose` with the trainer's own step
+    (dits.bench.steps.TrainStepRunner: loop.train_step on copies of the model, EMA and optimiser,
+    with the run's first batch ``example`` = (x, t, model_kwargs, noise)). Under torchrun, rank 0
+    decides and the others take its plan."""
+    from dits.bench.steps import TrainStepRunner
+
+    key = plan_key(ctx.device, model.config.to_dict(), example[0].shape[0], cfg.precision,
+                   objective=cfg.objective, grad_checkpoint=cfg.grad_checkpoint, world=ctx.world)
+
+    def make_step(plan):
+        return TrainStepRunner(plan, model, cfg, objective, ctx.device, lambda: example, copy_model=True)
+
+    with preserved_rng(ctx.device):
+        choice = choose(cfg.plan, compile_mode=cfg.compile, device=ctx.device, precision=cfg.precision, steps=steps,
+                        key=key, make_step=make_step, resumed=resumed,
+                        measurable=not cfg.fsdp and ctx.main, has_blocks=hasattr(model, "blocks"),
+                        why_not="not measured under --fsdp" if cfg.fsdp else "rank 0 measures")
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        msg = [choice.plan.name, choice.line]
+        dist.broadcast_object_list(msg, src=0)
+        if not ctx.main:
+            choice = Choice(Plan.parse(msg[0]), msg[1], key)
+    return choice
