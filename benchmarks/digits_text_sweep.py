@@ -12,7 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def main() -> None:
@@ -40,7 +39,6 @@ def main() -> None:
               f"{' '.join(f'{x:.2f}' for x in r['ink']['ratio'])} ({time.time() - t0:.0f} s)", flush=True)
         with open(Path(args.run) / "text_sweep.jsonl", "a") as f:
             f.write(json.dumps({"cfg_scale": s, "step": info.get("step"), **r}, default=float) + "\n")
-    np.set_printoptions(precision=3)
 
 
 if __name__ == "__main__":

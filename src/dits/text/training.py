@@ -120,7 +120,8 @@ def check_text_config(cfg) -> None:
                             f"{', '.join(BUILTIN_CAPTIONS)}, for --data digits); a caption file needs --data FOLDER")
     if cfg.text_encoder != "learned":
         from dits.text.pretrained import _locate, require_transformers
-        require_transformers()
+        if not cfg.latents:  # from a latent cache with its caption embeddings the encoder is never loaded
+            require_transformers()
         _locate(str(cfg.text_encoder))  # a local path that is not an encoder directory: one line now
 
 
