@@ -193,6 +193,14 @@ def test_flow_objective_trains_a_unet_and_samples(tmp_path):
         assert imgs.shape == (4, 8, 8, 1)
 
 
+def test_grad_checkpoint_gives_the_same_step(tmp_path):
+    train(ucfg(tmp_path / "plain", steps=2), progress=False)
+    train(ucfg(tmp_path / "ckpt", steps=2, grad_checkpoint=True), progress=False)
+    a = torch.load(tmp_path / "plain/checkpoints/0000002.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ckpt/checkpoints/0000002.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 # ------------------------------------------------------------------ the flop counter
 @pytest.mark.parametrize("cin,cout,k,stride,pad,size,groups", [(3, 8, 3, 1, 1, 10, 1), (4, 6, 5, 2, 0, 13, 1),
                                                                 (8, 8, 3, 1, 1, 6, 4), (1, 2, 1, 1, 0, 7, 1)])
@@ -318,6 +326,7 @@ BAD = [
     (["train", "--backbone", "transformer", "--out", "new"], "unknown backbone 'transformer'; choose one of: dit, unet"),
     (["train", "--unet-channels", "8,16", "--out", "new"], "add --backbone unet"),
     (["train", "--backbone", "unet", "--init", "somewhere", "--out", "new"], "--init fine-tunes DiT weights"),
+    (["train", "--backbone", "unet", "--fsdp", "true", "--out", "new"], "--fsdp shards a DiT block by block"),
     (["flops", "--backbone", "unet", "--block", "adaln"], "--block describes a DiT"),
     (["flops", "--backbone", "unet", "--unet-channels", "8,16,16,16,16,16", "--input-size", "16"], "downsamples by 32"),
     (["flops", "--backbone", "cnn"], "unknown backbone"),

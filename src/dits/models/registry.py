@@ -167,6 +167,8 @@ def check_train_config(cfg) -> None:
             raise _foreign(family, set_)
         if cfg.init:
             raise UserError("--init fine-tunes DiT weights; a U-Net run starts from scratch (drop --init)")
+        if cfg.fsdp:
+            raise UserError("--fsdp shards a DiT block by block; a U-Net run under torchrun uses DDP (drop --fsdp)")
         from dits.models.unet import parse_channels
         if cfg.unet_channels is not None:
             cfg.unet_channels = ",".join(map(str, parse_channels(cfg.unet_channels)))

@@ -27,7 +27,8 @@ The wrapper has what the trainer, the samplers and the checkpoints ask of a deno
 ``forward(x, t, y=None, force_drop_ids=None)`` with t on the 0..T-1 scale, ``forward_with_cfg``,
 ``config`` (a :class:`UNetConfig` whose ``to_dict`` round-trips through checkpoints and names its
 ``backbone``), ``in_channels``, ``out_channels``, ``input_size``, ``num_classes``, ``learn_sigma``
-and ``grad_checkpoint``.
+and ``grad_checkpoint``. It has no ``blocks``: the run's plan (dits.plan) then never compiles
+"each transformer block", only the whole model.
 """
 from __future__ import annotations
 
@@ -210,12 +211,6 @@ class UNet(nn.Module):
             self.unet.enable_gradient_checkpointing()
         elif self.grad_checkpoint:
             self.unet.disable_gradient_checkpointing()
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        """The U-Net's stages in order (down blocks, middle, up blocks): what a per-block compile
-        plan compiles. A plain list: the modules stay registered under ``unet`` only."""
-        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
 
     def _labels(self, x: torch.Tensor, y, force_drop_ids):
         if self.num_classes == 0:
