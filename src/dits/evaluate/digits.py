@@ -69,19 +69,24 @@ def real_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def to_inputs(images) -> np.ndarray:
-    """uint8 N×8×8 or N×8×8×1 (0..255) -> float64 N×64 in [0, 1]."""
+def unit_inputs(images, side: int, name: str) -> np.ndarray:
+    """uint8 N×side×side or N×side×side×1 (0..255) -> float64 N×side² in [0, 1]; ``name`` for errors."""
     x = np.asarray(images)
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
-    if x.ndim != 3 or x.shape[1:] != (8, 8):
-        raise UserError(f"digits images must be N×8×8 or N×8×8×1, got shape {x.shape}")
+    if x.ndim != 3 or x.shape[1:] != (side, side):
+        raise UserError(f"{name} images must be N×{side}×{side} or N×{side}×{side}×1, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.integer):
-        raise UserError(f"digits images must be integers 0..255 (uint8, ADM layout), got "
+        raise UserError(f"{name} images must be integers 0..255 (uint8, ADM layout), got "
                         f"{x.dtype}; convert with np.clip(np.round(x * 255), 0, 255).astype(np.uint8)")
     if x.size and (x.min() < 0 or x.max() > 255):
-        raise UserError("digits images must lie in 0..255")
-    return x.reshape(len(x), 64).astype(np.float64) / 255.0
+        raise UserError(f"{name} images must lie in 0..255")
+    return x.reshape(len(x), side * side).astype(np.float64) / 255.0
+
+
+def to_inputs(images) -> np.ndarray:
+    """uint8 N×8×8 or N×8×8×1 (0..255) -> float64 N×64 in [0, 1]."""
+    return unit_inputs(images, 8, "digits")
 
 
 def _check_labels(labels, n: int) -> np.ndarray:

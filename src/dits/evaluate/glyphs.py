@@ -24,7 +24,7 @@ import numpy as np
 
 from dits.errors import UserError
 from dits.evaluate.cache import cache_dir
-from dits.evaluate.digits import DigitsClassifier, _fd, _load, _save, fit_mlp
+from dits.evaluate.digits import DigitsClassifier, _fd, _load, _save, fit_mlp, unit_inputs
 
 HIDDEN = 128
 ALPHA = 1e-3
@@ -40,14 +40,7 @@ def _recipe() -> str:
 
 def to_inputs(images) -> np.ndarray:
     """uint8 N x 16 x 16 (or N x 16 x 16 x 1), 0..255 -> float64 N x 256 in [0, 1]."""
-    x = np.asarray(images)
-    if x.ndim == 4 and x.shape[-1] == 1:
-        x = x[..., 0]
-    if x.ndim != 3 or x.shape[1:] != (16, 16):
-        raise UserError(f"glyphs images must be N×16×16 or N×16×16×1, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.integer):
-        raise UserError(f"glyphs images must be integers 0..255 (uint8, ADM layout), got {x.dtype}")
-    return x.reshape(len(x), 256).astype(np.float64) / 255.0
+    return unit_inputs(images, 16, "glyphs")
 
 
 @lru_cache(maxsize=1)

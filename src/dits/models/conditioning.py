@@ -27,11 +27,29 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from dits.errors import UserError
+
 
 class Embedded(NamedTuple):
     vector: torch.Tensor               # (N, D): added to t_emb
     tokens: torch.Tensor               # (N, S, D)
     mask: torch.Tensor | None = None   # (N, S) bool, True = real token; None = all real
+
+
+def check_class_labels(y, n: int, num_classes: int, class_dropout_prob: float, what: str = "model") -> None:
+    """One line if ``y`` is not ``n`` labels in 0..num_classes-1 (or num_classes, the null label,
+    when the model has one) for a class-conditional ``what``."""
+    if y is None:
+        raise UserError(f"this {what} is class-conditional: pass labels y")
+    if y.shape != (n,):
+        raise UserError(f"expected labels of shape ({n},), got {tuple(y.shape)}")
+    top = num_classes + int(class_dropout_prob > 0)
+    # (a data-dependent check: skipped while torch.compile traces, where it would split the graph)
+    if (y.numel() and y.device.type != "meta" and not torch.compiler.is_compiling()
+            and (int(y.min()) < 0 or int(y.max()) >= top)):
+        raise UserError(f"labels must be in 0..{top - 1} (num_classes={num_classes}"
+                        f"{', the last is the null label' if top > num_classes else ''}), "
+                        f"got {int(y.min())}..{int(y.max())}")
 
 
 def dropout_mask(n: int, prob: float, train: bool, force_drop_ids: torch.Tensor | None,

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 from dits.errors import UserError
 from dits.models.blocks import BLOCKS, FinalLayer
 from dits.models.configs import DiTConfig
+from dits.models.conditioning import check_class_labels
 from dits.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 
 
@@ -164,17 +165,7 @@ class DiT(nn.Module):
         if text is not None:
             raise UserError("this model is not text-conditional: pass class labels y (or nothing), not text")
         if self.num_classes > 0:
-            if y is None:
-                raise UserError("this model is class-conditional: pass labels y")
-            if y.shape != (x.shape[0],):
-                raise UserError(f"expected labels of shape ({x.shape[0]},), got {tuple(y.shape)}")
-            top = self.num_classes + int(self.config.class_dropout_prob > 0)
-            # (a data-dependent check: skipped while torch.compile traces, where it would split the graph)
-            if (y.numel() and y.device.type != "meta" and not torch.compiler.is_compiling()
-                    and (int(y.min()) < 0 or int(y.max()) >= top)):
-                raise UserError(f"labels must be in 0..{top - 1} (num_classes={self.num_classes}"
-                                f"{', the last is the null label' if top > self.num_classes else ''}), "
-                                f"got {int(y.min())}..{int(y.max())}")
+            check_class_labels(y, x.shape[0], self.num_classes, self.config.class_dropout_prob)
 
     def _check_text(self, n: int, y, text, text_mask) -> None:
         cfg = self.config

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from dits.errors import UserError
+from dits.models.conditioning import check_class_labels
 
 BACKBONE = "unet"
 DEFAULT_CHANNELS = (64, 128, 128)
@@ -217,16 +218,7 @@ class UNet(nn.Module):
             if y is not None:
                 raise UserError("this U-Net is unconditional: do not pass labels y")
             return None
-        if y is None:
-            raise UserError("this U-Net is class-conditional: pass labels y")
-        if y.shape != (x.shape[0],):
-            raise UserError(f"expected labels of shape ({x.shape[0]},), got {tuple(y.shape)}")
-        top = self.num_classes + int(self.config.class_dropout_prob > 0)
-        if (y.numel() and y.device.type != "meta" and not torch.compiler.is_compiling()
-                and (int(y.min()) < 0 or int(y.max()) >= top)):
-            raise UserError(f"labels must be in 0..{top - 1} (num_classes={self.num_classes}"
-                            f"{', the last is the null label' if top > self.num_classes else ''}), "
-                            f"got {int(y.min())}..{int(y.max())}")
+        check_class_labels(y, x.shape[0], self.num_classes, self.config.class_dropout_prob, what="U-Net")
         drop = None
         if force_drop_ids is not None:
             drop = force_drop_ids.to(device=y.device, dtype=torch.bool)

@@ -20,8 +20,6 @@ claim in one line whichever way it comes out.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -277,19 +275,14 @@ def rows(runs: list[BackboneRun]) -> list[dict]:
 
 
 def to_csv(table: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for row in table:
-        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
-    return buf.getvalue()
+    from dits.study.report import to_csv as write_csv
 
-
-def _f(v, fmt: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    return write_csv(table, COLUMNS)
 
 
 def to_markdown_table(table: list[dict]) -> str:
+    from dits.study.report import _f
+
     head = ("| run | family | model | params | Mflops | steps | training compute (Gflops) | held-out FD | "
             "held-out ratio | accuracy | held-out loss | gap | status |\n|" + "---|" * 13 + "\n")
     body = "".join(
@@ -316,6 +309,16 @@ def _side(wins: int, ties: int, losses: int) -> str:
     return "dit" if _holds(wins, ties, losses) else "unet" if _holds(losses, ties, wins) else "neither"
 
 
+def _decide(results: list[str]) -> dict:
+    """wins / ties / losses (DiT's view), the side ahead and the verdict on the paper's claim."""
+    from dits.study.report import _tally
+
+    w, t, lo = _tally(results)
+    side = _side(w, t, lo)
+    return {"wins": w, "ties": t, "losses": lo, "side": side,
+            "verdict": {"dit": "reproduced", "unet": "reversed", "neither": "not reproduced"}[side]}
+
+
 def verdict_matched_gflops(runs: list[BackboneRun], key: str, spread: float | None) -> dict:
     """The claim at matched Gflops: per pair, the DiT's final value against the U-Net's
     (lower is better); a margin within the seed spread is a tie."""
@@ -336,12 +339,9 @@ def verdict_matched_gflops(runs: list[BackboneRun], key: str, spread: float | No
                      f"{ {'win': 'DiT ahead', 'loss': 'U-Net ahead', 'tie': 'tie'}[res]}")
     if not results:
         return {"finding": "A", "verdict": "not enough cells", "metric": key, "text": f"[{name}] no finished pair"}
-    from dits.study.report import _tally
-    w, t, lo = _tally(results)
-    side = _side(w, t, lo)
-    verdict = {"dit": "reproduced", "unet": "reversed", "neither": "not reproduced"}[side]
-    return {"finding": "A", "verdict": verdict, "side": side, "wins": w, "ties": t, "losses": lo, "metric": key,
-            "spread": spread, "pairs": lines,
+    dec = _decide(results)
+    w, t, lo = dec["wins"], dec["ties"], dec["losses"]
+    return {"finding": "A", **dec, "metric": key, "spread": spread, "pairs": lines,
             "text": f"[{name}] at matched Gflops the DiT was ahead in {w} of {len(results)} pairs, the U-Net in {lo}, "
                     f"{t} within the seed spread ({'; '.join(lines)}){_rule(spread)}"}
 
@@ -349,30 +349,25 @@ def verdict_matched_gflops(runs: list[BackboneRun], key: str, spread: float | No
 def verdict_compute(runs: list[BackboneRun], key: str, spread: float | None) -> dict:
     """At equal training compute: every DiT against every U-Net whose evaluated compute range
     overlaps its own, at the most compute both reached (interpolated in log compute)."""
-    from dits.study.report import METRIC_NAMES, _rule, _tally, _v, compare
-    from dits.study.stats import interp_log
+    from dits.study.report import METRIC_NAMES, _rule, _v, at_equal_compute, compare
 
     name = METRIC_NAMES.get(key, key)
     rs = [r for r in runs if not r.seed and r.status != "failed" and r.curve(key)]
     results, lines = [], []
     for d in [r for r in rs if r.family == "dit"]:
         for u in [r for r in rs if r.family == "unet"]:
-            pd = [(d.compute(s), v) for s, v in d.curve(key)]
-            pu = [(u.compute(s), v) for s, v in u.curve(key)]
-            lo, hi = max(pd[0][0], pu[0][0]), min(pd[-1][0], pu[-1][0])
-            if lo > hi:
+            both = at_equal_compute(d, u, key)
+            if both is None:
                 continue
-            a, b = interp_log(pd, hi), interp_log(pu, hi)
+            hi, a, b = both
             results.append(compare(a, b, spread))
             lines.append(f"{d.label} {_v(a)} vs {u.label} {_v(b)} at {hi:.3g} Gflops")
     if not results:
         return {"finding": "B", "verdict": "not enough overlap", "metric": key,
                 "text": f"[{name}] no DiT and U-Net share a range of training compute"}
-    w, t, lo = _tally(results)
-    side = _side(w, t, lo)
-    verdict = {"dit": "reproduced", "unet": "reversed", "neither": "not reproduced"}[side]
-    return {"finding": "B", "verdict": verdict, "side": side, "wins": w, "ties": t, "losses": lo, "metric": key,
-            "spread": spread, "pairs": lines,
+    dec = _decide(results)
+    w, t, lo = dec["wins"], dec["ties"], dec["losses"]
+    return {"finding": "B", **dec, "metric": key, "spread": spread, "pairs": lines,
             "text": f"[{name}] at equal training compute the DiT was ahead in {w} of {len(results)} overlapping (DiT, "
                     f"U-Net) comparisons, the U-Net in {lo}, {t} within the seed spread ({'; '.join(lines[:6])}"
                     f"{'; …' if len(lines) > 6 else ''}){_rule(spread)}"}

@@ -158,12 +158,13 @@ def rows(runs: list[Run]) -> list[dict]:
     return out
 
 
-def to_csv(table: list[dict]) -> str:
+def to_csv(table: list[dict], columns=COLUMNS) -> str:
+    """``columns`` of each row (missing or None: empty), one line per row."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for row in table:
-        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     return buf.getvalue()
 
 
@@ -300,6 +301,17 @@ def verdict_every_step(runs: list[Run], key: str = "fd", spread: float | None = 
                     + (f"; e.g. not at {misses[0]}" if misses else "") + _rule(spread)}
 
 
+def at_equal_compute(a, b, key: str) -> tuple[float, float, float] | None:
+    """(compute, value of a, value of b) at the most training compute both runs reached, each
+    interpolated in log compute; None where their evaluated compute ranges do not overlap."""
+    pts_a = [(a.compute(s), f) for s, f in a.curve(key)]
+    pts_b = [(b.compute(s), f) for s, f in b.curve(key)]
+    lo, hi = max(pts_a[0][0], pts_b[0][0]), min(pts_a[-1][0], pts_b[-1][0])
+    if lo > hi:
+        return None
+    return hi, interp_log(pts_a, hi), interp_log(pts_b, hi)
+
+
 def verdict_compute(runs: list[Run], key: str = "fd", spread: float | None = None) -> dict:
     """Finding 3: at equal training compute the largest model has a lower value than smaller ones
     (compared where their compute ranges overlap, interpolating in log compute)."""
@@ -314,13 +326,10 @@ def verdict_compute(runs: list[Run], key: str = "fd", spread: float | None = Non
         for b in rs:
             if SIZE_ORDER.index(b.size) >= top:
                 continue
-            pts_a = [(a.compute(s), f) for s, f in a.curve(key)]
-            pts_b = [(b.compute(s), f) for s, f in b.curve(key)]
-            lo, hi = max(pts_a[0][0], pts_b[0][0]), min(pts_a[-1][0], pts_b[-1][0])
-            if lo > hi:
+            both = at_equal_compute(a, b, key)  # the most compute both reached: the most trained comparison
+            if both is None:
                 continue
-            c = hi  # the most compute both reached: the most trained comparison
-            fa, fb = interp_log(pts_a, c), interp_log(pts_b, c)
+            c, fa, fb = both
             results.append(compare(fa, fb, spread))
             lines.append(f"{a.label} {_v(fa)} vs {b.label} {_v(fb)} at {c:.3g} Gflops")
     if not results:
