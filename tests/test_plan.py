@@ -383,3 +383,23 @@ def test_bench_shared_isolation_still_runs_the_official_stand_in(capsys, tmp_pat
     io = capsys.readouterr()
     assert code == 0, io.err
     assert "ONE process" in io.out and "speed-up of dits (fp32, eager) over official" in io.out, io.out
+
+
+def test_a_deadline_that_lands_in_a_callback_is_kept_and_prints_nothing(capfd):
+    """The alarm can ring while Python runs a weakref callback (as inside torch.compile), where
+    the exception cannot propagate: the deadline must still count, and no traceback be printed."""
+    import time
+    import weakref
+
+    from dits import plan as plan_mod
+
+    class Obj:
+        pass
+
+    with pytest.raises(plan_mod.ProbeDeadline):
+        with plan_mod.alarm(0.05):
+            o = Obj()
+            ref = weakref.ref(o, lambda r: time.sleep(0.3))  # the alarm rings during this callback
+            del o
+            assert ref() is None
+    assert "Exception ignored" not in capfd.readouterr().err

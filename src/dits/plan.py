@@ -263,15 +263,32 @@ def alarm(seconds: float | None):
         yield
         return
 
+    fired = []
+
     def ring(signum, frame):
+        fired.append(True)
         raise ProbeDeadline()
+
+    # The signal can land while Python runs a callback (e.g. a weakref finaliser inside torch.compile),
+    # where the exception cannot propagate: Python would print it as "Exception ignored" and go on.
+    # Keep that quiet, and raise the deadline once the block ends instead.
+    old_hook = sys.unraisablehook
+
+    def quiet(unraisable):
+        if not isinstance(unraisable.exc_value, ProbeDeadline):
+            old_hook(unraisable)
+
     old = signal.signal(signal.SIGALRM, ring)
+    sys.unraisablehook = quiet
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        sys.unraisablehook = old_hook
+    if fired:  # the alarm rang but was swallowed by a callback: the deadline still passed
+        raise ProbeDeadline()
 
 
 def measure(plan: Plan, make_step: Callable, steps: int, best_total: float | None = None,
