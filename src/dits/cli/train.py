@@ -125,5 +125,6 @@ def run(args) -> int:
         m = summary.get("digits_metric")
         if m:
             from dits.evaluate.builtin import format_metric
-            print(f"{cfg.data} metric:", format_metric(cfg.data, m))
+            data = summary.get("data", cfg.data)  # the run's own data set (on --resume, not the flags')
+            print(f"{data} metric:", format_metric(data, m))
     return 0

@@ -319,7 +319,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                 bar.close()
             sinks.close()
     if ctx.main and "stopped_by" not in summary:
-        summary = {"steps": cfg.steps, "run_dir": str(out), "skipped_steps": guard.skipped, **summary}
+        summary = {"steps": cfg.steps, "run_dir": str(out), "data": cfg.data, "skipped_steps": guard.skipped,
+                   **summary}
         write_json_atomic(out / "summary.json", summary)
     if ctx.world > 1:
         ctx.barrier()  # leave together: a process that tears down gloo while a peer still talks aborts
