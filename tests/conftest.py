@@ -32,3 +32,25 @@ def _isolated_cache():
             os.environ.pop("DITS_CACHE", None)
         else:
             os.environ["DITS_CACHE"] = old
+
+
+def _snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def refuses(tmp_path, monkeypatch, capsys):
+    """``refuses(argv, needle)``: ``dits *argv`` run in an empty workspace exits 2 with one line that
+    contains ``needle`` and leaves the workspace as it was."""
+    from dits.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").write_text("x")
+
+    def check(argv, needle):
+        before = _snapshot(tmp_path)
+        code = main(list(argv))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+        assert _snapshot(tmp_path) == before
+    return check

@@ -44,6 +44,15 @@ class TrainConfig:
     captions: str | None = None       # FILE.jsonl or built-in "digits"; default: FOLDER/metadata.jsonl or the cache's
     max_text_tokens: int | None = None  # caption tokens; default: learned: the longest caption; frozen: 77
     text_adaln: str = "both"          # adaln/adaln-zero with text: pooled | cross-attn (PixArt) | both
+    # ---- modern block options (LightningDiT; docs/convergence.md): the paper's DiT by default
+    mlp: str = "gelu"                 # gelu (the paper's tanh-GELU MLP) | swiglu
+    norm: str = "layernorm"           # layernorm | rmsnorm
+    pos: str = "sincos"               # sincos (fixed additive table) | rope (2-D rotary on q, k)
+    # ---- masked training (MaskDiT; dits.masking, docs/convergence.md): off by default
+    mask_ratio: float = 0.0           # fraction of patch tokens the encoder does not see (0 = off)
+    mask_decoder_depth: int | None = None  # decoder blocks; default 2 with --mask-ratio, none without
+    mask_loss_weight: float = 0.1     # weight of the masked tokens' MAE term (MaskDiT's λ)
+    unmask_steps: int = 0             # the last N steps train unmasked (MaskDiT's fine-tune)
     # ---- diffusion
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
@@ -55,6 +64,7 @@ class TrainConfig:
     batch_size: int = 256             # global, over all processes
     lr: float = 1e-4
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999         # AdamW's β₂ (β₁ 0.9): torch's default, the reference's; LightningDiT 0.95
     warmup_steps: int = 0
     grad_clip: float = 0.0            # max grad norm; 0 = off
     ema_decay: float = 0.9999
@@ -115,6 +125,8 @@ class TrainConfig:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         if not (self.grad_clip >= 0 and self.weight_decay >= 0):
             raise UserError("--grad-clip and --weight-decay must be >= 0")
+        if not 0 <= self.adam_beta2 < 1:
+            raise UserError(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.class_dropout_prob < 1:
@@ -148,6 +160,29 @@ class TrainConfig:
 
         _choice("text-adaln", self.text_adaln, TEXT_ADALN)
         check_text_config(self)
+        from dits.masking import check_train_config as check_masking
+        from dits.models.blocks import MLPS, NORMS, POSITIONS
+
+        _choice("mlp", self.mlp, MLPS)
+        _choice("norm", self.norm, NORMS)
+        _choice("pos", self.pos, POSITIONS)
+        if self.pos == "rope" and self.backbone == "dit":
+            self._check_rope()
+        check_masking(self)
+
+    def _check_rope(self) -> None:
+        """--pos rope: no in-context block, and a head width divisible by 4 (known before any data)."""
+        from dits.models.configs import MODEL_NAMES, SIZES, canonical_name
+
+        if self.block == "in-context":
+            raise UserError("--pos rope gives positions to image tokens only; the in-context block's condition "
+                            "tokens have none (use another --block, or --pos sincos)")
+        name = canonical_name(self.model)
+        _, width, heads = SIZES[name[len("DiT-"):].split("/")[0]] if name in MODEL_NAMES else (None, None, None)
+        width, heads = self.hidden_size or width, self.num_heads or heads
+        if width and heads and (width % heads or (width // heads) % 4):
+            raise UserError(f"--pos rope needs a head width (hidden_size / num_heads) divisible by 4, "
+                            f"got {width} / {heads}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,6 +243,9 @@ ON_RESUME = {
     "text_encoder": FIXED, "captions": FIXED, "max_text_tokens": FIXED, "text_adaln": FIXED,
     "diffusion_steps": FIXED, "noise_schedule": FIXED, "objective": FIXED,
     "loss_weighting": FIXED, "t_sampling": FIXED,   # what each step optimises: part of the trajectory
+    "mlp": FIXED, "norm": FIXED, "pos": FIXED, "adam_beta2": FIXED,
+    "mask_ratio": FIXED, "mask_decoder_depth": FIXED, "mask_loss_weight": FIXED,
+    "unmask_steps": CHANGE,  # where the unmasked tail starts, like --steps: applies from the resumed step on
     # optimisation: the batch and the randomness are the trajectory; the update rule may change
     "batch_size": FIXED, "seed": FIXED,
     "steps": CHANGE, "lr": CHANGE, "lr_schedule": CHANGE, "weight_decay": CHANGE, "warmup_steps": CHANGE,

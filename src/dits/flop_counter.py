@@ -108,10 +108,11 @@ def _example(cfg, device) -> tuple:
     return x, t, y
 
 
-def count_flops(model_or_config, input_size: int | None = None) -> int:
+def count_flops(model_or_config, input_size: int | None = None, mask_ratio: float | None = None) -> int:
     """Forward MACs of one image for a backbone model or its config (any family in
     :mod:`dits.models.registry`): a copy is built on the ``meta`` device and counted there.
-    ``input_size`` counts the same architecture at another image size."""
+    ``input_size`` counts the same architecture at another image size; ``mask_ratio`` R > 0 (a DiT
+    with a masked-training decoder) the masked training step's forward, as :mod:`dits.flops` does."""
     from dits.models.registry import build, config_from_dict
 
     cfg = getattr(model_or_config, "config", model_or_config)
@@ -124,12 +125,20 @@ def count_flops(model_or_config, input_size: int | None = None) -> int:
     cfg = config_from_dict(d)
     with torch.device("meta"):
         model = build(cfg)
-    return count_macs(model, *_example(cfg, "meta"))
+    kwargs = {}
+    if mask_ratio:
+        from dits.errors import UserError
+        from dits.flops import kept_tokens
+
+        if not getattr(cfg, "decoder_depth", 0):
+            raise UserError("a masked training step needs a DiT with a decoder (--mask-decoder-depth)")
+        kwargs["mask_keep"] = torch.arange(kept_tokens(cfg.num_tokens, mask_ratio), device="meta")[None]
+    return count_macs(model, *_example(cfg, "meta"), **kwargs)
 
 
-def count_gflops(model_or_config, input_size: int | None = None) -> float:
+def count_gflops(model_or_config, input_size: int | None = None, mask_ratio: float | None = None) -> float:
     """Gflops (forward MACs / 1e9, one image) in the paper's unit, for either backbone."""
-    return count_flops(model_or_config, input_size) / 1e9
+    return count_flops(model_or_config, input_size, mask_ratio) / 1e9
 
 
 def count_params(model_or_config) -> int:
@@ -144,7 +153,8 @@ def count_params(model_or_config) -> int:
 
 def flops_rows(backbone: str = "dit", names=None, *, unet_channels=None, unet_layers: int | None = None,
                input_size: int | None = None, in_channels: int | None = None, num_classes: int | None = None,
-               block: str | None = None) -> list[dict]:
+               block: str | None = None, options: dict | None = None,
+               mask_ratio: float | None = None) -> list[dict]:
     """[{model, params, gflops}] counted by FlopCounterMode: the named DiTs (default the paper's
     twelve), or for ``backbone="unet"`` the one U-Net of ``unet_channels`` x ``unet_layers``
     (defaults as ``dits train --backbone unet``: 64,128,128 x 2; image 32, 4 channels, 1000
@@ -163,6 +173,12 @@ def flops_rows(backbone: str = "dit", names=None, *, unet_channels=None, unet_la
                             f"name {names[0]!r}")
         if block is not None:
             raise UserError("--block describes a DiT; --backbone unet is sized by --unet-channels and --unet-layers")
+        dit_only = [k for k in (options or {})] + (["mask_ratio"] if mask_ratio is not None else [])
+        if dit_only:
+            flags = ", ".join("--" + {"decoder_depth": "mask_decoder_depth"}.get(k, k).replace("_", "-")
+                              for k in dit_only)
+            raise UserError(f"{flags} describe{'s' if len(dit_only) == 1 else ''} a DiT; --backbone unet is sized by "
+                            "--unet-channels and --unet-layers")
         cfg = UNetConfig(channels=unet_channels if unet_channels is not None else DEFAULT_CHANNELS,
                          layers=unet_layers if unet_layers is not None else DEFAULT_LAYERS,
                          **{"input_size": 32, **common})
@@ -171,8 +187,18 @@ def flops_rows(backbone: str = "dit", names=None, *, unet_channels=None, unet_la
         raise UserError("--unet-channels and --unet-layers size a U-Net; add --backbone unet")
     from dits.models import MODEL_NAMES, config_for
 
+    options = dict(options or {})
+    if mask_ratio is not None:
+        from dits.masking import DEFAULT_DECODER_DEPTH, check_mask_ratio
+
+        check_mask_ratio(mask_ratio)
+        if mask_ratio > 0 and not options.get("decoder_depth"):
+            options["decoder_depth"] = DEFAULT_DECODER_DEPTH
     rows = []
     for name in names or MODEL_NAMES:
-        cfg = config_for(name, **common, block=block)
-        rows.append({"model": name, "params": count_params(cfg), "gflops": count_gflops(cfg)})
+        cfg = config_for(name, **common, block=block, **options)
+        row = {"model": name, "params": count_params(cfg), "gflops": count_gflops(cfg)}
+        if mask_ratio:
+            row.update(mask_ratio=float(mask_ratio), masked_gflops=count_gflops(cfg, mask_ratio=mask_ratio))
+        rows.append(row)
     return rows

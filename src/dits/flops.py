@@ -7,6 +7,12 @@ T_q * T_k * D each) and, as fvcore does, LayerNorm at 4 flops per element withou
 learned affine and 5 with one. Element-wise work (activations, modulation, residuals,
 softmax) and embedding look-ups are free, as in fvcore.
 
+The block options follow the same rules: SwiGLU is its three Linears (its gate product is
+element-wise); RoPE's rotation of q and k is element-wise, so free; RMSNorm (which fvcore has no
+rule for) is charged as a LayerNorm without the centring: 3 flops per element, 4 with an affine.
+A masked training step (``mask_ratio`` R) is counted with int(T (1 − R)) tokens through the encoder
+blocks and all T through the decoder and the final layer; sampling always runs all T through both.
+
 The count is exact arithmetic on the shapes seen in one forward pass of a single image
 (taken with hooks on a model built on the ``meta`` device, so DiT-XL/2 costs nothing to
 count), not a timing.
@@ -35,12 +41,20 @@ def _attention_macs(module: nn.Module, inputs: tuple) -> int:
     return 2 * n * t_q * t_k * d  # q k^T and attn @ v
 
 
-def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | None = None) -> int:
+def kept_tokens(num_tokens: int, mask_ratio: float) -> int:
+    """Tokens the encoder sees in a masked step: int(T (1 − R)) as MaskDiT (and MAE) keep, at least 1."""
+    return max(1, int(num_tokens * (1.0 - float(mask_ratio))))
+
+
+def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | None = None,
+                mask_ratio: float | None = None) -> int:
     """Forward MACs for one image (batch of 1) of ``model``.
 
     ``input_size`` counts the same architecture at another latent size (a copy is built on
     the meta device; the model itself is untouched). ``text_tokens`` (text models only) is the
-    caption length counted, default the model's ``text_tokens``.
+    caption length counted, default the model's ``text_tokens``. ``mask_ratio`` R > 0 (models
+    with a masked-training decoder) counts the masked training step's forward: the encoder on
+    :func:`kept_tokens` tokens.
     """
     cfg = model.config
     if input_size is not None and input_size != cfg.input_size:
@@ -62,6 +76,10 @@ def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | No
         nonlocal total
         total += inputs[0].numel() * (5 if m.elementwise_affine else 4)
 
+    def on_rms_norm(m, inputs, out):
+        nonlocal total
+        total += inputs[0].numel() * (4 if m.elementwise_affine else 3)
+
     def on_attention(m, inputs, out):
         nonlocal total
         total += _attention_macs(m, inputs)
@@ -69,7 +87,7 @@ def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | No
     handles = []
     for m in model.modules():
         hook = {nn.Linear: on_linear, Linear: on_linear, nn.Conv2d: on_conv, nn.LayerNorm: on_norm,
-                Attention: on_attention, CrossAttention: on_attention}.get(type(m))
+                nn.RMSNorm: on_rms_norm, Attention: on_attention, CrossAttention: on_attention}.get(type(m))
         if hook is not None:
             handles.append(m.register_forward_hook(hook))
     try:
@@ -89,6 +107,11 @@ def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | No
             text["text_mask"] = torch.ones(1, n_text, dtype=torch.bool, device=device)
         elif text_tokens:
             raise UserError("text tokens are counted for text models only (give a text encoder)")
+        if mask_ratio:
+            if not cfg.decoder_depth:
+                raise UserError("a masked training step needs a model with a decoder (--mask-decoder-depth)")
+            keep = kept_tokens(cfg.num_tokens, mask_ratio)
+            text["mask_keep"] = torch.arange(keep, device=device)[None]  # which tokens does not change the count
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -100,9 +123,10 @@ def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | No
     return total
 
 
-def count_gflops(model: DiT, input_size: int | None = None, text_tokens: int | None = None) -> float:
+def count_gflops(model: DiT, input_size: int | None = None, text_tokens: int | None = None,
+                 mask_ratio: float | None = None) -> float:
     """Gflops (forward MACs / 1e9, one image) in the paper's convention."""
-    return count_flops(model, input_size, text_tokens) / 1e9
+    return count_flops(model, input_size, text_tokens, mask_ratio) / 1e9
 
 
 def count_params(model: nn.Module) -> int:
@@ -111,8 +135,13 @@ def count_params(model: nn.Module) -> int:
 
 
 def flops_table(names=None, text_tokens: int | None = None, text_encoder: str | None = None,
-                text_dim: int | None = None, **overrides) -> list[dict]:
+                text_dim: int | None = None, mask_ratio: float | None = None, **overrides) -> list[dict]:
     """[{model, params, gflops}] for the named models (default: the paper's twelve).
+
+    ``overrides`` are DiTConfig fields (``block``, ``mlp``, ``norm``, ``pos``, ``decoder_depth``, ...).
+    ``mask_ratio`` R > 0 adds ``masked_gflops``, the masked training step's forward (``gflops`` stays
+    the sampling forward: all tokens through encoder and decoder); the decoder depth defaults to
+    that of ``dits train --mask-ratio`` (:data:`dits.masking.DEFAULT_DECODER_DEPTH`).
 
     ``text_tokens`` counts text models with captions of that many tokens: ``text_encoder``
     "frozen" (default; features of width ``text_dim``, default 4096 as T5-XXL's in PixArt-alpha,
@@ -133,6 +162,12 @@ def flops_table(names=None, text_tokens: int | None = None, text_encoder: str | 
             text["text_dim"] = int(text_dim)
         elif kind == "frozen":
             text["text_dim"] = 4096
+    if mask_ratio is not None:
+        from dits.masking import DEFAULT_DECODER_DEPTH, check_mask_ratio
+
+        check_mask_ratio(mask_ratio)
+        if mask_ratio > 0 and not overrides.get("decoder_depth"):
+            overrides["decoder_depth"] = DEFAULT_DECODER_DEPTH
     rows = []
     for name in names or MODEL_NAMES:
         extra = dict(text)
@@ -141,5 +176,9 @@ def flops_table(names=None, text_tokens: int | None = None, text_encoder: str | 
                 extra["text_dim"] = create_model(name, **{**overrides, "num_classes": 0}).config.hidden_size
         with torch.device("meta"):
             model = create_model(name, **{**overrides, **extra})
-        rows.append({"model": name, "params": count_params(model), "gflops": count_gflops(model)})
+        row = {"model": name, "params": count_params(model), "gflops": count_gflops(model)}
+        if mask_ratio:
+            row["mask_ratio"] = float(mask_ratio)
+            row["masked_gflops"] = count_gflops(model, mask_ratio=mask_ratio)
+        rows.append(row)
     return rows

@@ -69,12 +69,32 @@ def objective_of(info: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------- training
-def _weighted(terms: dict, w: torch.Tensor | None) -> dict:
-    """``loss`` with L_simple weighted per sample (``mse`` stays the plain L_simple, for the logs)."""
-    if w is None:
-        return terms
-    w = w.to(terms["mse"].device, terms["mse"].dtype)
-    terms["loss"] = w * terms["mse"] + (terms["vb"] if "vb" in terms else 0.0)
+def _weighted(terms: dict, w: torch.Tensor | None, mae_weight: float = 0.0) -> dict:
+    """``loss`` with L_simple weighted per sample (``mse`` stays the plain L_simple, for the logs), plus
+    ``mae_weight`` × the masked-token term ``mae`` of a masked step."""
+    if w is not None:
+        w = w.to(terms["mse"].device, terms["mse"].dtype)
+        terms["loss"] = w * terms["mse"] + (terms["vb"] if "vb" in terms else 0.0)
+    if "mae" in terms:
+        terms["loss"] = terms["loss"] + mae_weight * terms["mae"]
+    return terms
+
+
+def _split_mask(masking, x0, model_kwargs):
+    """The step's :class:`dits.masking.TokenMask` (None: an unmasked step). ``mask_keep`` stays in
+    the model's kwargs: the model drops the same tokens the loss leaves out."""
+    keep = (model_kwargs or {}).get("mask_keep")
+    if keep is None:
+        return None
+    if masking is None:
+        raise ValueError("mask_keep given to an objective created without masking")
+    return masking.token_mask(keep, x0)
+
+
+def _unmasked_log(terms: dict, masking) -> dict:
+    """A masked run's unmasked steps (--unmask-steps) log ``mae`` as 0, so every log line has the key."""
+    if masking is not None and "mae" not in terms:
+        terms["mae"] = torch.zeros_like(terms["mse"])
     return terms
 
 
@@ -83,25 +103,30 @@ class DiffusionObjective:
     name = "diffusion"
 
     def __init__(self, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True,
-                 weighting: LossWeighting = LossWeighting()):
+                 weighting: LossWeighting = LossWeighting(), masking=None):
         self.diffusion = create_diffusion("", noise_schedule=noise_schedule, learn_sigma=learn_sigma,
                                           diffusion_steps=diffusion_steps)
         self.weighting = weighting
+        self.masking = masking  # a dits.masking.Masking, or None
 
     def draw_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator)
 
     def training_losses(self, model, x0, t, model_kwargs=None, noise=None) -> dict:
-        terms = self.diffusion.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
-        return _weighted(terms, self.weighting.diffusion(self.diffusion.alphas_cumprod, t))
+        masked = _split_mask(self.masking, x0, model_kwargs)
+        extra = {} if masked is None else {"masked": masked}
+        terms = self.diffusion.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise, **extra)
+        terms = _weighted(terms, self.weighting.diffusion(self.diffusion.alphas_cumprod, t),
+                          self.masking.loss_weight if masked is not None else 0.0)
+        return _unmasked_log(terms, self.masking)
 
 
 class FlowObjective:
     """Flow matching with the linear interpolant: t ~ U[0, 1] (or logit-normal), velocity MSE."""
     name = "flow"
 
-    def __init__(self, weighting: LossWeighting = LossWeighting(), t_sampling: TSampling = TSampling()):
-        self.weighting, self.t_sampling = weighting, t_sampling
+    def __init__(self, weighting: LossWeighting = LossWeighting(), t_sampling: TSampling = TSampling(), masking=None):
+        self.weighting, self.t_sampling, self.masking = weighting, t_sampling, masking
 
     def draw_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self.t_sampling.kind == "uniform":
@@ -109,21 +134,25 @@ class FlowObjective:
         return self.t_sampling.draw(n, generator)
 
     def training_losses(self, model, x0, t, model_kwargs=None, noise=None) -> dict:
-        terms = flow.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise)
-        return _weighted(terms, self.weighting.flow(t))
+        masked = _split_mask(self.masking, x0, model_kwargs)
+        extra = {} if masked is None else {"masked": masked}
+        terms = flow.training_losses(model, x0, t, model_kwargs=model_kwargs, noise=noise, **extra)
+        terms = _weighted(terms, self.weighting.flow(t), self.masking.loss_weight if masked is not None else 0.0)
+        return _unmasked_log(terms, self.masking)
 
 
 def create_objective(name: str, *, noise_schedule: str = "linear", diffusion_steps: int = 1000,
                      learn_sigma: bool | None = None, loss_weighting: str | None = None,
-                     t_sampling: str | None = None):
+                     t_sampling: str | None = None, masking=None):
     """The objective; ``loss_weighting`` / ``t_sampling`` are the --loss-weighting / --t-sampling specs
-    (None or "uniform": the paper's step, bit for bit)."""
+    (None or "uniform": the paper's step, bit for bit); ``masking`` a :class:`dits.masking.Masking`
+    (--mask-ratio; None: no masked steps)."""
     learn_sigma = resolve_learn_sigma(name, learn_sigma)
     weighting = parse_loss_weighting(loss_weighting)
     sampling = parse_t_sampling(t_sampling, name)
     if name == "flow":
-        return FlowObjective(weighting, sampling)
-    return DiffusionObjective(noise_schedule, diffusion_steps, learn_sigma, weighting)
+        return FlowObjective(weighting, sampling, masking)
+    return DiffusionObjective(noise_schedule, diffusion_steps, learn_sigma, weighting, masking)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -594,7 +594,10 @@ def choose_for_run(cfg, model: torch.nn.Module, ctx, steps: int, example: tuple,
     decides and the others take its plan."""
     from dits.bench.steps import TrainStepRunner
 
-    key = plan_key(ctx.device, model.config.to_dict(), example[0].shape[0], cfg.precision,
+    shape = model.config.to_dict()
+    if "mask_keep" in example[2]:  # a masked run (--mask-ratio) times its masked step: another key
+        shape["mask_keep_tokens"] = int(example[2]["mask_keep"].shape[1])
+    key = plan_key(ctx.device, shape, example[0].shape[0], cfg.precision,
                    objective=cfg.objective, grad_checkpoint=cfg.grad_checkpoint, world=ctx.world)
 
     def make_step(plan):

@@ -210,16 +210,20 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- optimiser
-def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def adamw(params, lr: float, weight_decay: float, device: torch.device,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """torch.optim.AdamW with the fused kernel where this torch has one for ``device``
     (CUDA, and CPU since torch 2.4): one kernel over all parameters instead of a Python loop
-    of small ops per tensor. Same update rule, same state dict as the default AdamW."""
+    of small ops per tensor. Same update rule, same state dict as the default AdamW. ``betas``
+    default to torch's (0.9, 0.999), the reference's (``--adam-beta2`` sets the second)."""
     params = list(params)
+    betas = (float(betas[0]), float(betas[1]))
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         # An older torch or a device without the fused kernel: the multi-tensor path.
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=device.type != "cpu" or None)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                 foreach=device.type != "cpu" or None)
 
 
 # ----------------------------------------------------------------------------- device modes
@@ -375,5 +379,7 @@ def compile_module(module: torch.nn.Module, plan: str = "model", model: torch.nn
     """``module`` (a DiT, or a DDP wrapper of ``model``) compiled by ``plan`` ("model", or
     "blocks": each of ``model.blocks``), with an eager fallback (see :class:`CompiledOrEager`)."""
     if plan == "blocks":
-        return CompiledOrEager(module, blocks=list((model if model is not None else module).blocks), quiet=quiet)
+        m = model if model is not None else module
+        blocks = list(m.blocks) + list(getattr(m, "decoder_blocks", None) or [])  # a masked-training decoder too
+        return CompiledOrEager(module, blocks=blocks, quiet=quiet)
     return CompiledOrEager(module, quiet=quiet)

@@ -16,6 +16,14 @@ def register(sub) -> None:
     p.add_argument("--in-channels", type=int, default=None, help="input channels (default 4)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (default 1000; 0 = unconditional)")
     p.add_argument("--block", default=None, help="adaln-zero | adaln | cross-attn | in-context")
+    p.add_argument("--mlp", default=None, help="gelu (the paper) | swiglu")
+    p.add_argument("--norm", default=None, help="layernorm (the paper) | rmsnorm")
+    p.add_argument("--pos", default=None, help="sincos (the paper) | rope (elementwise: no flops of its own)")
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="also count the masked training step (MaskDiT) at this ratio R in [0, 1): the encoder on "
+                        "int(T (1-R)) tokens; Gflops stays the sampling forward (all tokens, encoder + decoder)")
+    p.add_argument("--mask-decoder-depth", type=int, default=None,
+                   help="decoder blocks of a masked-training model (default 2 with --mask-ratio)")
     p.add_argument("--text-tokens", type=int, default=None,
                    help="count a text-conditional model with captions of N tokens (docs/text.md)")
     p.add_argument("--text-encoder", default=None, choices=("frozen", "learned"),
@@ -44,14 +52,14 @@ def run(args) -> int:
     if args.all == bool(args.model):
         raise UserError("give a model name (e.g. DiT-XL/2) or --all")
     overrides = dict(input_size=args.input_size, in_channels=args.in_channels,
-                     num_classes=args.num_classes, block=args.block)
+                     num_classes=args.num_classes, block=args.block, **_block_options(args))
     if args.text_tokens is None and (args.text_encoder or args.text_dim is not None):
         raise UserError("--text-encoder and --text-dim describe a text model: add --text-tokens N")
     if args.text_tokens is not None and args.num_classes:
         raise UserError("--text-tokens counts a text-conditional model; drop --num-classes")
     text = dict(text_tokens=args.text_tokens, text_encoder=args.text_encoder, text_dim=args.text_dim) \
         if args.text_tokens is not None else {}
-    rows = flops_table(None if args.all else [args.model], **overrides, **text)
+    rows = flops_table(None if args.all else [args.model], **overrides, **text, mask_ratio=args.mask_ratio)
     if args.json:
         out = rows if args.all else rows[0]
         print(json.dumps(out))
@@ -59,7 +67,23 @@ def run(args) -> int:
     print(f"{'model':<10} {'params':>14} {'Gflops':>9}")
     for r in rows:
         print(f"{r['model']:<10} {r['params']:>14,} {r['gflops']:>9.2f}")
+    _masked_lines(rows)
     return 0
+
+
+def _block_options(args) -> dict:
+    """--mlp/--norm/--pos/--mask-decoder-depth as DiTConfig overrides (None: the paper's)."""
+    if args.mask_decoder_depth is not None and args.mask_decoder_depth < 1:
+        raise UserError(f"--mask-decoder-depth must be >= 1, got {args.mask_decoder_depth}")
+    return {k: v for k, v in dict(mlp=args.mlp, norm=args.norm, pos=args.pos,
+                                  decoder_depth=args.mask_decoder_depth).items() if v is not None}
+
+
+def _masked_lines(rows) -> None:
+    for r in rows:
+        if "masked_gflops" in r:
+            print(f"{r['model']}: masked training step (R={r['mask_ratio']:g}): {r['masked_gflops']:.4g} Gflops "
+                  f"forward; sampling (all tokens, encoder + decoder): {r['gflops']:.4g} Gflops")
 
 
 def _torch_counter(args) -> int:
@@ -77,7 +101,8 @@ def _torch_counter(args) -> int:
         raise UserError("--all lists the paper's DiTs; drop it with --backbone unet")
     rows = flops_rows(args.backbone, [args.model] if args.model else None, unet_channels=args.unet_channels,
                       unet_layers=args.unet_layers, input_size=args.input_size, in_channels=args.in_channels,
-                      num_classes=args.num_classes, block=args.block)
+                      num_classes=args.num_classes, block=args.block, options=_block_options(args),
+                      mask_ratio=args.mask_ratio)
     if args.json:
         print(json.dumps(rows if args.all else rows[0]))
         return 0
@@ -85,4 +110,5 @@ def _torch_counter(args) -> int:
     print(f"{'model':<{width}} {'params':>14} {'Gflops':>9}  (FlopCounterMode)")
     for r in rows:
         print(f"{r['model']:<{width}} {r['params']:>14,} {r['gflops']:>9.4g}")
+    _masked_lines(rows)
     return 0

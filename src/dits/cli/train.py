@@ -32,6 +32,16 @@ HELP = {
     "eval_samples": "samples for the digits metric (0 = off)",
     "loss_weighting": "uniform (the paper) | min-snr[:GAMMA] (weights L_simple by min(SNR, GAMMA)/SNR; GAMMA 5)",
     "t_sampling": "uniform | logit-normal[:M,S] (flow only: t = sigmoid(M + S z); default 0,1)",
+    "mlp": "gelu (the paper's MLP) | swiglu (SwiGLU, hidden 2/3 of 4D rounded up to 8: about the same size)",
+    "norm": "layernorm (the paper) | rmsnorm (every norm of the blocks and final layer; same eps, same affine)",
+    "pos": "sincos (the paper's fixed additive table) | rope (2-D rotary embedding on q, k; no pos_embed; "
+           "not with --block in-context)",
+    "adam_beta2": "AdamW's beta2 (the reference and torch: 0.999; LightningDiT: 0.95)",
+    "mask_ratio": "masked training (MaskDiT): the fraction R in [0, 1) of patch tokens the encoder does not see "
+                  "(0 = off; docs/convergence.md)",
+    "mask_decoder_depth": "with --mask-ratio: decoder blocks over the full sequence (2; MaskDiT-XL: 8)",
+    "mask_loss_weight": "with --mask-ratio: weight of the masked tokens' reconstruction (MAE) term",
+    "unmask_steps": "with --mask-ratio: the last N steps train unmasked (N <= --steps)",
     "device": "auto | cpu | cuda | cuda:N",
     "init": "fine-tune: start model and EMA from a run dir, .pt, .safetensors, diffusers dir or Hub id "
             "(fresh optimiser, step 0)",

@@ -159,20 +159,22 @@ class GaussianDiffusion:
                 "eps": self.predict_eps_from_xstart(x, t, pred_xstart)}
 
     # ------------------------------------------------------------------ training
-    def vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
+    def vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, reduce=None):
         """One term of the variational bound, in bits per dimension, per sample.
 
         KL(q(x_{t−1}|x_t,x_0) ‖ p(x_{t−1}|x_t)) for t > 0; −log p(x_0|x_1) under the discretised
-        Gaussian decoder for t = 0. Returns ``output`` (N,) and ``pred_xstart``.
+        Gaussian decoder for t = 0. Returns ``output`` (N,) and ``pred_xstart``. ``reduce`` replaces
+        the mean over dimensions (masked training: the mean over the visible pixels).
         """
+        reduce = reduce or mean_flat
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = reduce(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        nll = mean_flat(nll) / math.log(2.0)
+        nll = reduce(nll) / math.log(2.0)
         return {"output": torch.where(t.to(kl.device) == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, masked=None):
         """Per-sample losses at kept timesteps ``t``: a dict of (N,) tensors.
 
         ``mse`` = L_simple (mean over dimensions of (target − prediction)²); with learned
@@ -180,13 +182,20 @@ class GaussianDiffusion:
         trains the variance channels and L_simple alone trains the mean); ``loss`` = mse + vb
         (DiT's unweighted sum; × T/1000 on vb for "rescaled_mse"). For the "kl" losses ``loss``
         is the bound term alone (× T for "rescaled_kl").
+
+        ``masked`` (a :class:`dits.masking.TokenMask`, masked training): ``mse`` and ``vb`` are means
+        over the visible pixels only, and its extra terms (``mae``) are added to the dict (not to
+        ``loss``: the objective weighs them).
         """
         model_kwargs = model_kwargs or {}
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
         terms = {}
+        reduce = masked.mean_visible if masked is not None else mean_flat
         if self.loss_type in ("kl", "rescaled_kl"):
+            if masked is not None:
+                raise ValueError("masked training needs an MSE loss type")
             terms["loss"] = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False,
                                               model_kwargs=model_kwargs)["output"]
             if self.loss_type == "rescaled_kl":
@@ -197,11 +206,14 @@ class GaussianDiffusion:
         pred, v = self._split_output(raw, x_t)
         if v is not None:
             frozen = torch.cat([pred.detach(), v], dim=1)
-            vb = self.vb_terms_bpd(lambda *_args, **_kw: frozen, x_start, x_t, t, clip_denoised=False)["output"]
+            vb = self.vb_terms_bpd(lambda *_args, **_kw: frozen, x_start, x_t, t, clip_denoised=False,
+                                   reduce=reduce)["output"]
             terms["vb"] = vb * (self.num_timesteps / 1000.0) if self.loss_type == "rescaled_mse" else vb
         target = noise if self.model_mean_type == "epsilon" else x_start
-        terms["mse"] = mean_flat((target - pred) ** 2)
+        terms["mse"] = reduce((target - pred) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        if masked is not None:
+            terms.update(masked.extra_terms(x_t, pred))
         return terms
 
     # ------------------------------------------------------------------ sampling

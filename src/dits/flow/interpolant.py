@@ -45,8 +45,10 @@ def eps_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> to
 
 
 def training_losses(model, x0: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None,
-                    noise: torch.Tensor | None = None) -> dict:
-    """Per-sample flow-matching losses at flow times ``t`` (N,) in [0, 1]: ``mse`` = ``loss``."""
+                    noise: torch.Tensor | None = None, masked=None) -> dict:
+    """Per-sample flow-matching losses at flow times ``t`` (N,) in [0, 1]: ``mse`` = ``loss``.
+    ``masked`` (a :class:`dits.masking.TokenMask`): ``mse`` over the visible pixels only, plus its
+    extra terms (``mae``, weighed by the objective)."""
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = interpolate(x0, noise, t)
@@ -54,5 +56,9 @@ def training_losses(model, x0: torch.Tensor, t: torch.Tensor, model_kwargs: dict
     if pred.shape != x0.shape:
         raise ValueError(f"a flow model predicts the velocity ({x0.shape[1]} channels); got output shape "
                          f"{tuple(pred.shape)} (train flow with learn_sigma off)")
-    mse = ((velocity_target(x0, noise) - pred.to(x0.dtype)) ** 2).mean(dim=tuple(range(1, x0.dim())))
-    return {"mse": mse, "loss": mse}
+    sq = (velocity_target(x0, noise) - pred.to(x0.dtype)) ** 2
+    if masked is None:
+        mse = sq.mean(dim=tuple(range(1, x0.dim())))
+        return {"mse": mse, "loss": mse}
+    mse = masked.mean_visible(sq)
+    return {"mse": mse, "loss": mse, **masked.extra_terms(x_t, pred)}

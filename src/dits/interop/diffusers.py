@@ -83,6 +83,11 @@ def diffusers_config(config: DiTConfig) -> dict:
         raise UserError(f"only adaLN-Zero models convert to diffusers (this one uses {config.block!r} blocks)")
     if config.mlp_ratio != 4.0:
         raise UserError(f"diffusers' DiT has MLP ratio 4; this model has {config.mlp_ratio}")
+    from dits.models.configs import OPTION_DEFAULTS
+    changed = [f"{k}={getattr(config, k)!r}" for k, v in OPTION_DEFAULTS.items() if getattr(config, k) != v]
+    if changed:
+        raise UserError(f"diffusers' DiTTransformer2DModel is the paper's block; this model has {', '.join(changed)} "
+                        "(sample it with dits sample)")
     return dict(
         num_attention_heads=config.num_heads,
         attention_head_dim=config.hidden_size // config.num_heads,

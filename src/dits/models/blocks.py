@@ -10,15 +10,24 @@ With text (``dits.models.conditioning``) the sequence holds the caption's tokens
 marks its padding; for in-context blocks, whose condition tokens sit inside ``x``, the mask
 covers all of ``x``. The blocks never see where tokens came from: a class label, a learned text
 encoder or a frozen CLIP/T5 are the same (sequence, mask) to them.
+
+Modern options (LightningDiT, arXiv 2501.01423, Table 1; each off by default, and off is the paper's
+block exactly): ``mlp="swiglu"`` (:class:`SwiGLU` instead of the GELU MLP), ``norm="rmsnorm"``
+(every LayerNorm an RMSNorm with the same affine flag and eps) and, from the model, ``rope``: the
+(cos, sin) tables of a 2-D rotary position embedding applied to self-attention's q and k.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from dits.models.embeddings import apply_rope
 from dits.speed import attention, linear, masked_attention
 
 BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attn", "in-context")
+MLPS = ("gelu", "swiglu")            # --mlp: the paper's tanh-GELU MLP | SwiGLU
+NORMS = ("layernorm", "rmsnorm")     # --norm
+POSITIONS = ("sincos", "rope")       # --pos: the paper's fixed additive sin-cos table | 2-D RoPE on q, k
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -46,10 +55,12 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, dim * 3, bias=True)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         n, t, d = x.shape
         # (N, T, 3, H, d/H) -> three (N, H, T, d/H): the order of the reference's weights.
         q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:  # --pos rope: rotate q and k by each token's (row, column) angles
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if key_mask is None:
             x = attention(q, k, v)  # SDPA or explicit matmuls, by device/dtype/length (dits.speed)
         else:
@@ -90,7 +101,42 @@ class Mlp(nn.Module):
         return self.fc2(self.fc1(x, gelu=True))
 
 
-def _norm(dim: int, affine: bool) -> nn.LayerNorm:
+def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
+    """SwiGLU's hidden width: 2/3 of the GELU MLP's (three matrices instead of two, so about the
+    same parameters and MACs), rounded up to a multiple of 8 (LLaMA's rule). D = 384: 1024, exactly
+    the GELU MLP's 2 x 384 x 1536 weights; D = 1152: 3072."""
+    h = int(2 * int(dim * mlp_ratio) / 3)
+    return 8 * -(-h // 8)
+
+
+class SwiGLU(nn.Module):
+    """w3(SiLU(w1 x) * w2 x) (Shazeer 2020): w1 the gate, w2 the value, w3 the output; biases
+    like the GELU MLP's Linears; width :func:`swiglu_hidden`."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = swiglu_hidden(dim, mlp_ratio)
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(dim, hidden)
+        self.w3 = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(torch.nn.functional.silu(self.w1(x)) * self.w2(x))
+
+
+def make_mlp(dim: int, mlp_ratio: float = 4.0, kind: str = "gelu") -> nn.Module:
+    if kind not in MLPS:
+        raise ValueError(f"mlp must be one of {', '.join(MLPS)}, got {kind!r}")
+    return SwiGLU(dim, mlp_ratio) if kind == "swiglu" else Mlp(dim, mlp_ratio)
+
+
+def _norm(dim: int, affine: bool, kind: str = "layernorm") -> nn.Module:
+    """The paper's LayerNorm (eps 1e-6), or with ``kind="rmsnorm"`` an RMSNorm with the same eps and
+    the same affine flag."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=affine)
+    if kind != "layernorm":
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
     return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
 
 
@@ -105,12 +151,13 @@ class AdaLNZeroBlock(nn.Module):
 
     modulations = 6  # shift, scale, gate for attention and for the MLP
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, text_cross_attn: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, text_cross_attn: bool = False,
+                 mlp: str = "gelu", norm: str = "layernorm"):
         super().__init__()
-        self.norm1 = _norm(dim, affine=False)
+        self.norm1 = _norm(dim, affine=False, kind=norm)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = _norm(dim, affine=False)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.norm2 = _norm(dim, affine=False, kind=norm)
+        self.mlp = make_mlp(dim, mlp_ratio, mlp)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, self.modulations * dim, bias=True))
         # Text only (PixArt-alpha's block): cross-attention to the caption tokens between
         # self-attention and the MLP, without norm or gate, output projection zero-initialised
@@ -122,9 +169,9 @@ class AdaLNZeroBlock(nn.Module):
             return x
         return x + self.cross_attn(x, cond_tokens, cond_mask)
 
-    def forward(self, x, c, cond_tokens=None, cond_mask=None):
+    def forward(self, x, c, cond_tokens=None, cond_mask=None, rope=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
         x = self._cross(x, cond_tokens, cond_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -139,9 +186,9 @@ class AdaLNBlock(AdaLNZeroBlock):
 
     modulations = 4  # shift and scale for attention and for the MLP
 
-    def forward(self, x, c, cond_tokens=None, cond_mask=None):
+    def forward(self, x, c, cond_tokens=None, cond_mask=None, rope=None):
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
         x = self._cross(x, cond_tokens, cond_mask)
         x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -153,15 +200,15 @@ class InContextBlock(nn.Module):
     tokens are [t_emb, caption tokens] and ``cond_mask`` is the key-padding mask of the whole
     sequence (padded caption tokens are never attended to)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, mlp: str = "gelu", norm: str = "layernorm"):
         super().__init__()
-        self.norm1 = _norm(dim, affine=True)
+        self.norm1 = _norm(dim, affine=True, kind=norm)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = _norm(dim, affine=True)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.norm2 = _norm(dim, affine=True, kind=norm)
+        self.mlp = make_mlp(dim, mlp_ratio, mlp)
 
-    def forward(self, x, c, cond_tokens=None, cond_mask=None):
-        x = x + self.attn(self.norm1(x), cond_mask)
+    def forward(self, x, c, cond_tokens=None, cond_mask=None, rope=None):
+        x = x + self.attn(self.norm1(x), cond_mask, rope=rope)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -171,13 +218,13 @@ class CrossAttnBlock(InContextBlock):
     sequence [t_emb, y_emb] between self-attention and the MLP. ~15 % more flops. With text the
     sequence is [t_emb, caption tokens] and ``cond_mask`` marks the caption's padding."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__(dim, num_heads, mlp_ratio)
-        self.norm_cross = _norm(dim, affine=True)
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, mlp: str = "gelu", norm: str = "layernorm"):
+        super().__init__(dim, num_heads, mlp_ratio, mlp=mlp, norm=norm)
+        self.norm_cross = _norm(dim, affine=True, kind=norm)
         self.cross_attn = CrossAttention(dim, num_heads)
 
-    def forward(self, x, c, cond_tokens=None, cond_mask=None):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, c, cond_tokens=None, cond_mask=None, rope=None):
+        x = x + self.attn(self.norm1(x), rope=rope)
         x = x + self.cross_attn(self.norm_cross(x), cond_tokens, cond_mask)
         x = x + self.mlp(self.norm2(x))
         return x
@@ -196,9 +243,9 @@ class FinalLayer(nn.Module):
     so the untrained model predicts exactly zero. Shared by all four block designs, so the
     comparison between them isolates the blocks."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = _norm(dim, affine=False)
+        self.norm_final = _norm(dim, affine=False, kind=norm)
         self.linear = Linear(dim, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim, bias=True))
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from dits.errors import UserError
-from dits.models.blocks import BLOCK_TYPES
+from dits.models.blocks import BLOCK_TYPES, MLPS, NORMS, POSITIONS
 
 # How text reaches adaLN / adaLN-Zero blocks (docs/text.md): "pooled" adds the pooled caption
 # vector to c (as a class embedding is), "cross-attn" is PixArt-alpha's block (adaLN on t only,
@@ -20,6 +20,9 @@ TEXT_ADALN = ("pooled", "cross-attn", "both")
 # The text fields of DiTConfig: left out of ``to_dict`` when there is no text, so the config
 # (and every checkpoint) of a class-conditional model is exactly what it was before text.
 TEXT_FIELDS = ("text_encoder", "text_dim", "text_tokens", "text_vocab", "text_depth", "text_adaln")
+# The block options of issue 21 and masked training's decoder: each left out of ``to_dict`` while it
+# has its default (the paper's DiT), so such a config and its checkpoints are exactly what they were.
+OPTION_DEFAULTS = {"mlp": "gelu", "norm": "layernorm", "pos": "sincos", "decoder_depth": 0}
 
 # size -> (depth, hidden_size, num_heads), Table 1 of the paper
 SIZES = {
@@ -52,6 +55,11 @@ class DiTConfig:
     text_vocab: list | None = None  # the learned encoder's words (plain data)
     text_depth: int = 2           # layers of the learned encoder
     text_adaln: str = "both"      # adaLN(-Zero) blocks with text: pooled | cross-attn | both
+    # ---- modern block options (docs/convergence.md; defaults: the paper's DiT)
+    mlp: str = "gelu"             # gelu (tanh-GELU MLP, ratio 4) | swiglu (SwiGLU of about the same size)
+    norm: str = "layernorm"       # layernorm | rmsnorm (every norm; same eps 1e-6, same affine flags)
+    pos: str = "sincos"           # sincos (fixed additive pos_embed) | rope (2-D RoPE on q, k; no pos_embed)
+    decoder_depth: int = 0        # masked training (MaskDiT): blocks of the decoder after the encoder; 0 = none
 
     def __post_init__(self):
         self.validate()
@@ -76,6 +84,27 @@ class DiTConfig:
             raise UserError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.text_encoder is not None:
             self._validate_text()
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        for name, allowed in (("mlp", MLPS), ("norm", NORMS), ("pos", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.pos == "rope":
+            if self.block == "in-context":
+                raise UserError("--pos rope gives positions to image tokens only; the in-context block's "
+                                "condition tokens have none (use another --block, or --pos sincos)")
+            head = self.hidden_size // self.num_heads
+            if head % 4:
+                raise UserError(f"--pos rope needs a head width (hidden_size / num_heads) divisible by 4, "
+                                f"got {self.hidden_size} / {self.num_heads} = {head}")
+        if isinstance(self.decoder_depth, bool) or int(self.decoder_depth) != self.decoder_depth \
+                or self.decoder_depth < 0:
+            raise UserError(f"decoder_depth must be an integer >= 0, got {self.decoder_depth!r}")
+        self.decoder_depth = int(self.decoder_depth)
+        if self.decoder_depth and self.block == "in-context":
+            raise UserError("masked training does not support the in-context block (its condition tokens sit in "
+                            "the sequence); use --block adaln-zero, adaln or cross-attn")
 
     def _validate_text(self) -> None:
         if self.num_classes:
@@ -109,6 +138,9 @@ class DiTConfig:
         d = dataclasses.asdict(self)
         if self.text_encoder is None:
             for k in TEXT_FIELDS:
+                d.pop(k)
+        for k, default in OPTION_DEFAULTS.items():
+            if d[k] == default:
                 d.pop(k)
         return d
 

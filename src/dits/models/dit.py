@@ -9,7 +9,7 @@ from dits.errors import UserError
 from dits.models.blocks import BLOCKS, FinalLayer
 from dits.models.configs import DiTConfig
 from dits.models.conditioning import check_class_labels
-from dits.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from dits.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, rope_2d, sincos_2d
 
 
 class DiT(nn.Module):
@@ -24,6 +24,13 @@ class DiT(nn.Module):
     ``forward(x, t, text=..., text_mask=...)`` with token ids (learned encoder) or a frozen
     encoder's features, through :class:`dits.models.conditioning.TextEmbedder`
     (``text_embedder.*``; no ``y_embedder``).
+
+    Block options (``mlp``, ``norm``, ``pos``; docs/convergence.md) change the blocks' modules; with
+    ``pos="rope"`` there is no ``pos_embed`` (positions enter self-attention as rotations of q and k).
+    With ``decoder_depth`` K > 0 (masked training, MaskDiT) the ``blocks`` are an encoder and K more
+    ``decoder_blocks`` follow them over the full sequence, with a learned ``mask_token`` at dropped
+    positions: ``forward(..., mask_keep=idx)`` runs the encoder on the tokens ``idx`` (N, T_keep) only.
+    Without ``mask_keep`` (sampling, unmasked steps) every token goes through encoder and decoder.
     """
 
     def __init__(self, config: DiTConfig | None = None, **kwargs):
@@ -50,11 +57,23 @@ class DiT(nn.Module):
         self.text_embedder = self._text_embedder(cfg) if cfg.text else None
         # Fixed, not trained; a Parameter (requires_grad=False) as in the reference so that
         # it is part of the state dict and of the parameter count.
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d), requires_grad=False)
+        # --pos rope: no additive table at all (the rotations carry the positions).
+        if cfg.pos == "sincos":
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d), requires_grad=False)
+        else:
+            self.register_parameter("pos_embed", None)
         block = BLOCKS[cfg.block]
         extra = {"text_cross_attn": True} if self._pixart_cross_attn else {}
+        if cfg.mlp != "gelu" or cfg.norm != "layernorm":
+            extra.update(mlp=cfg.mlp, norm=cfg.norm)
         self.blocks = nn.ModuleList([block(d, cfg.num_heads, cfg.mlp_ratio, **extra) for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
+        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, norm=cfg.norm)
+        if cfg.decoder_depth:  # masked training's decoder (MaskDiT): same design and width as the encoder
+            self.decoder_blocks = nn.ModuleList([block(d, cfg.num_heads, cfg.mlp_ratio, **extra)
+                                                 for _ in range(cfg.decoder_depth)])
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        else:
+            self.decoder_blocks = None
         # Activation checkpointing per block (training only): keep each block's input, recompute
         # its inside during backward. ~1/3 more compute for activation memory ~1/depth.
         self.grad_checkpoint = False
@@ -103,8 +122,9 @@ class DiT(nn.Module):
         self.apply(basic_init)
 
         grid = int(self.config.num_tokens ** 0.5)
-        pos = sincos_2d(self.config.hidden_size, grid)
-        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        if self.pos_embed is not None:
+            pos = sincos_2d(self.config.hidden_size, grid)
+            self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 
         # The patch conv is initialised like a Linear on its flattened kernel.
         w = self.x_embedder.proj.weight.data
@@ -118,7 +138,7 @@ class DiT(nn.Module):
 
         # Zero the modulation: adaLN-Zero gates start at 0 (every block is the identity);
         # adaLN scales/shifts start at 0 (plain LayerNorm).
-        for blk in self.blocks:
+        for blk in self.all_blocks:
             if hasattr(blk, "adaLN_modulation"):
                 nn.init.zeros_(blk.adaLN_modulation[-1].weight)
                 nn.init.zeros_(blk.adaLN_modulation[-1].bias)
@@ -133,9 +153,16 @@ class DiT(nn.Module):
             if self.text_embedder.encoder is not None:
                 self.text_embedder.encoder.reset_parameters()
             if self._pixart_cross_attn:  # PixArt: the added cross-attention starts as a zero residual
-                for blk in self.blocks:
+                for blk in self.all_blocks:
                     nn.init.zeros_(blk.cross_attn.proj.weight)
                     nn.init.zeros_(blk.cross_attn.proj.bias)
+        if self.decoder_blocks is not None:
+            nn.init.normal_(self.mask_token, std=0.02)  # MAE's mask-token init
+
+    @property
+    def all_blocks(self) -> list:
+        """The transformer blocks in order: ``blocks``, then the masked-training decoder's (if any)."""
+        return list(self.blocks) + list(self.decoder_blocks or [])
 
     # ------------------------------------------------------------------ shapes
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,20 +216,24 @@ class DiT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 force_drop_ids: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, mask_keep: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` on the original 0..T-1 scale (int or float); ``force_drop_ids`` (bool, N) is an
         explicit dropout mask (labels, or captions to the null caption) used instead of the random
         one (see ``LabelEmbedder``). Text models take ``text``: token ids (N, L) for the learned
         encoder, else a frozen encoder's features (N, L, text_dim), with ``text_mask`` (N, L, True =
-        real token; an all-False row is the null caption)."""
+        real token; an all-False row is the null caption). ``mask_keep`` (N, T_keep) long, models with a
+        decoder only: the encoder sees those tokens only (masked training); the output is full size."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         self._check_inputs(x, t, y, text, text_mask)
-        tokens = self.x_embedder(x) + self.pos_embed
+        tokens = self.x_embedder(x) + self.pos_embed if self.pos_embed is not None else self.x_embedder(x)
+        rope = self._rope(tokens.device)
+        if mask_keep is not None:
+            tokens, rope = self._keep(tokens, rope, mask_keep)
         t_emb = self.t_embedder(t)
         if self.text_embedder is not None:
-            return self._forward_text(tokens, t_emb, text, text_mask, force_drop_ids)
+            return self._forward_text(tokens, t_emb, text, text_mask, force_drop_ids, rope, mask_keep)
         cond = [t_emb]
         if self.num_classes > 0:
             cond.append(self.y_embedder(y, self.training, force_drop_ids))
@@ -213,16 +244,56 @@ class DiT(nn.Module):
         if self.block_type == "in-context":
             tokens = torch.cat([cond_tokens.to(tokens.dtype), tokens], dim=1)
             n_extra = cond_tokens.shape[1]
-        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:
-                tokens = checkpoint(block, tokens, c, cond_tokens, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, cond_tokens)
+        tokens = self._run_blocks(self.blocks, tokens, c, cond_tokens, None, rope)
         tokens = tokens[:, n_extra:]
+        if self.decoder_blocks is not None:
+            tokens = self._decode(tokens, c, cond_tokens, None, mask_keep)
         return self.unpatchify(self.final_layer(tokens, c))
 
-    def _forward_text(self, tokens, t_emb, text, text_mask, force_drop_ids):
+    # ------------------------------------------------------------------ positions, masking, blocks
+    def _rope(self, device) -> tuple | None:
+        """--pos rope: the (cos, sin) tables of the full token grid, (1, T, 2, head/4) each; else None."""
+        if self.config.pos != "rope":
+            return None
+        grid = int(round(self.config.num_tokens ** 0.5))
+        return rope_2d(self.config.hidden_size // self.num_heads, grid, device=device)
+
+    def _keep(self, tokens: torch.Tensor, rope, keep: torch.Tensor):
+        """The kept tokens (N, T_keep, D), in ``keep``'s order, and their rope rows."""
+        if self.decoder_blocks is None:
+            raise UserError("mask_keep is for models with a masked-training decoder (decoder_depth > 0)")
+        n, t = tokens.shape[:2]
+        keep = keep.to(device=tokens.device, dtype=torch.long)
+        if keep.ndim != 2 or keep.shape[0] != n or not 0 < keep.shape[1] <= t:
+            raise UserError(f"expected mask_keep of shape ({n}, K) with 1 <= K <= {t}, got {tuple(keep.shape)}")
+        tokens = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        if rope is not None:
+            idx = keep[..., None, None].expand(-1, -1, *rope[0].shape[2:])
+            rope = tuple(r.expand(n, *r.shape[1:]).gather(1, idx) for r in rope)
+        return tokens, rope
+
+    def _decode(self, tokens, c, context, mask, keep):
+        """MaskDiT's decoder: the encoder's tokens back at their positions, the learned mask token at the
+        dropped ones, the fixed positions added again (sin-cos; RoPE rotates in attention), then the
+        decoder blocks over the full sequence."""
+        if keep is not None:
+            n, d = tokens.shape[0], tokens.shape[-1]
+            full = self.mask_token.to(tokens.dtype).expand(n, self.config.num_tokens, d)
+            tokens = full.scatter(1, keep.to(tokens.device, torch.long)[..., None].expand(-1, -1, d), tokens)
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed
+        return self._run_blocks(self.decoder_blocks, tokens, c, context, mask, self._rope(tokens.device))
+
+    def _run_blocks(self, blocks, tokens, c, context, mask, rope):
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        for block in blocks:
+            if recompute:
+                tokens = checkpoint(block, tokens, c, context, mask, rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, context, mask, rope)
+        return tokens
+
+    def _forward_text(self, tokens, t_emb, text, text_mask, force_drop_ids, rope=None, mask_keep=None):
         """Where the caption enters each design (docs/text.md): c = t_emb + pooled caption (adaLN
         designs: unless text_adaln is cross-attn); cross-attn blocks attend to [t_emb, caption];
         in-context appends [t_emb, caption] to the image tokens with the caption's padding masked;
@@ -241,13 +312,10 @@ class DiT(nn.Module):
             mask = torch.cat([ones, emb.mask, ones.expand(n, tokens.shape[1])], dim=1)
             tokens = torch.cat([extra.to(tokens.dtype), tokens], dim=1)
             context = None
-        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:
-                tokens = checkpoint(block, tokens, c, context, mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, context, mask)
+        tokens = self._run_blocks(self.blocks, tokens, c, context, mask, rope)
         tokens = tokens[:, n_extra:]
+        if self.decoder_blocks is not None:
+            tokens = self._decode(tokens, c, context, mask, mask_keep)
         return self.unpatchify(self.final_layer(tokens, c))
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,

@@ -123,3 +123,41 @@ class LabelEmbedder(nn.Module):
 
         v = self(labels, train, force_drop_ids)
         return Embedded(v, v[:, None], None)
+
+
+# --------------------------------------------------------------------------------------
+# 2-D rotary position embedding (--pos rope)
+# --------------------------------------------------------------------------------------
+ROPE_BASE = 10000.0  # the frequencies of the sin-cos table above (and of RoFormer / EVA's 2-D RoPE)
+
+
+def rope_2d(head_dim: int, grid_size: int, base: float = ROPE_BASE, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (1, T, 2, head_dim/4) float32, for the T = grid_size² tokens in row-major order.
+
+    Axis 0 is the token's row, axis 1 its column; frequency k of each is base^(-k / (head_dim/4)).
+    :func:`apply_rope` rotates the first half of each head's channels by the row angles and the
+    second half by the column angles, so q·k after rotation depends on the two tokens' offset
+    (Δrow, Δcol) only.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    idx = torch.arange(grid_size * grid_size, device=device)
+    rows, cols = (idx // grid_size).double(), (idx % grid_size).double()
+    angles = torch.stack([rows[:, None] * freqs, cols[:, None] * freqs], dim=1).float()  # (T, 2, quarter)
+    return angles.cos()[None], angles.sin()[None]
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate queries or keys (N, H, T, d) by ``rope`` = (cos, sin) of shape (1 or N, T, 2, d/4).
+
+    Per axis the d/2 channels form d/4 pairs (channel j with channel j + d/4, the "rotate-half"
+    layout), each pair turned by its angle: a norm-preserving rotation. Computed in float32,
+    returned in ``x``'s dtype."""
+    cos, sin = (r[:, None, :, :, None, :] for r in rope)        # (B, 1, T, 2, 1, d/4)
+    n, h, t, d = x.shape
+    xf = x.float().reshape(n, h, t, 2, 2, d // 4)                # (.., axis, half, freq)
+    x1, x2 = xf[..., :1, :], xf[..., 1:, :]
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-2)
+    return out.reshape(n, h, t, d).to(x.dtype)

@@ -24,7 +24,8 @@ from dits.errors import UserError
 
 # TrainConfig fields that only describe a DiT, and those that only describe a U-Net.
 DIT_KEYS = ("model", "depth", "hidden_size", "num_heads", "patch_size", "block",
-            "text_encoder", "captions", "max_text_tokens", "text_adaln")
+            "text_encoder", "captions", "max_text_tokens", "text_adaln",
+            "mlp", "norm", "pos", "mask_ratio", "mask_decoder_depth", "mask_loss_weight", "unmask_steps")
 UNET_KEYS = ("unet_channels", "unet_layers")
 UNET_MODEL_NAME = "U-Net"             # TrainConfig.model of a U-Net run (what the start line prints)
 

@@ -64,7 +64,7 @@ def shard(model: DiT) -> None:
     full weights exist at a time; the embedders and final layer form the root unit."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.blocks:
+    for block in [*model.blocks, *(getattr(model, "decoder_blocks", None) or [])]:
         fully_shard(block)
     fully_shard(model)
 

@@ -16,7 +16,8 @@ from dits.errors import UserError
 from dits.models import DiT
 from dits.models.configs import PATCH_SIZES, SIZES
 
-ARCH_KEYS = ("model", "depth", "hidden_size", "num_heads", "patch_size", "block", "learn_sigma")
+ARCH_KEYS = ("model", "depth", "hidden_size", "num_heads", "patch_size", "block", "learn_sigma",
+             "mlp", "norm", "pos", "mask_decoder_depth")
 
 
 def adopt_architecture(cfg: TrainConfig, w: Weights, typed) -> TrainConfig:
@@ -30,9 +31,13 @@ def adopt_architecture(cfg: TrainConfig, w: Weights, typed) -> TrainConfig:
                  if dims == (c.depth, c.hidden_size, c.num_heads) and c.patch_size in PATCH_SIZES), None)
     arch = dict(model=name or "DiT", depth=None if name else c.depth, hidden_size=None if name else c.hidden_size,
                 num_heads=None if name else c.num_heads, patch_size=None if name else c.patch_size,
-                block=c.block, learn_sigma=c.learn_sigma)
+                block=c.block, learn_sigma=c.learn_sigma, mlp=c.mlp, norm=c.norm, pos=c.pos)
+    if c.decoder_depth:  # a masked-training model: its decoder is part of the network (fresh runs without one keep theirs)
+        arch["mask_decoder_depth"] = c.decoder_depth
     mine = cfg.to_dict()
     for key in ARCH_KEYS:
+        if key not in arch:
+            continue
         if key in typed and mine[key] is not None and mine[key] != arch[key] and not _same_size(key, mine, c):
             raise UserError(f"--init {cfg.init} is a {name or 'custom DiT'} (depth {c.depth}, width {c.hidden_size}, "
                             f"patch {c.patch_size}, {c.block}); drop --{key.replace('_', '-')} "
@@ -80,6 +85,10 @@ def load_init(model: DiT, w: Weights) -> list[str]:
         notes.append(f"label table dropped: this data is unconditional (the weights had {src.num_classes} classes)")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "pos_embed"]
+    decoder = [k for k in missing if k.startswith("decoder_blocks.") or k == "mask_token"]
+    if decoder and not src.decoder_depth:  # DiT weights, masked training: the decoder starts fresh
+        missing = [k for k in missing if k not in decoder]
+        notes.append(f"masked-training decoder ({dst.decoder_depth} blocks) initialised fresh")
     if missing or unexpected:
         raise UserError(f"--init weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return notes

@@ -28,6 +28,7 @@ from dits.checkpoint import checkpoint_path, latest_checkpoint, newest_readable_
 from dits.config import TrainConfig, merge_resume
 from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
+from dits.masking import Masking, decoder_depth
 from dits.models import DiT, create_model
 from dits.objectives import create_objective, resolve_learn_sigma
 from dits.speed import adamw, check_precision, setup_device
@@ -81,6 +82,7 @@ def build_model(cfg: TrainConfig, in_channels: int, input_size: int, num_classes
     if other is not None:
         return other
     extra = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    extra.update(mlp=cfg.mlp, norm=cfg.norm, pos=cfg.pos, decoder_depth=decoder_depth(cfg))  # defaults: the paper's
     if text is not None:  # a text run (dits.text.training): the text encoder's fields of DiTConfig
         extra.update(text.model_fields)
     return create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
@@ -204,15 +206,17 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
     elif ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     net = _speed_up(cfg, model, net, ctx, start)
-    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, ctx.device)  # fused kernel where there is one
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay, ctx.device,  # fused kernel where there is one
+                betas=(0.9, cfg.adam_beta2))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     if state is not None:
         load_optimizer_state(model, opt, state["opt"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+    masking = Masking.for_run(cfg, model.config)  # --mask-ratio (MaskDiT); None: every step unmasked
     objective = create_objective(cfg.objective, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                  diffusion_steps=cfg.diffusion_steps, loss_weighting=cfg.loss_weighting,
-                                 t_sampling=cfg.t_sampling)
+                                 t_sampling=cfg.t_sampling, masking=masking)
     rand = StepRandomness(cfg.seed, len(source), cfg.batch_size, cfg.flip)
     lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
 
@@ -264,6 +268,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ty
                     kwargs = {"y": y.to(ctx.device), "force_drop_ids": drop[lo:hi].to(ctx.device)}
                 elif text is not None:  # y holds example indices; the step's captions, null where dropped
                     kwargs = {**text.kwargs(y, step, lo, hi, ctx.device), "force_drop_ids": drop[lo:hi].to(ctx.device)}
+                keep = masking.draw(step, cfg.batch_size, g) if masking is not None else None
+                if keep is not None:  # a masked step: the tokens each image's encoder sees (dits.masking)
+                    kwargs["mask_keep"] = keep[lo:hi].to(ctx.device)
                 # ---- loss, backward, step
                 t_local = t[lo:hi].to(ctx.device)
                 if parts is None:  # the first step: the plan is chosen on this step's own inputs (dits.plan)
