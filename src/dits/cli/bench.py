@@ -8,6 +8,8 @@
   ``--plan all`` times every candidate plan, ``--torch-info`` prints what the figures depend on.
 - ``dits bench flow --diffusion RUN --flow RUN``: the two objectives compared on the digits
   (see dits.bench.flow and docs/flow.md).
+- ``dits bench convergence [--variants ...]``: time to quality of the training options, each an
+  ordinary `dits train` run against the preset's (see dits.bench.convergence, docs/convergence.md).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed for x_T and DDPM's noise (default 0)")
     s.set_defaults(func=_samplers)
     _register_flow(targets)
+    _register_convergence(targets)
 
     t = targets.add_parser("train", help="training step speed (optionally against the official code)",
                            description="Time `dits train`'s step (its defaults) at a model size, batch and precision: "
@@ -199,3 +202,39 @@ def _register_flow(targets) -> None:
 def _flow(args) -> int:
     from dits.bench import flow
     return flow.run_from_args(args)
+
+
+def _register_convergence(targets) -> None:
+    from dits.bench.convergence import DEFAULT_EVAL_SAMPLES, EVALS_PER_RUN, VARIANTS
+
+    c = targets.add_parser("convergence", help="time to quality: the baseline preset and each training option, "
+                                               "quality vs steps and vs seconds",
+                           description="Train the data set's preset (the baseline) and each variant (extra `dits "
+                                       "train` flags) at the same steps, several seeds, evaluating often; write "
+                                       "OUT/convergence.csv, convergence.md (final metrics, steps and seconds to the "
+                                       "baseline's final held-out FD and loss) and convergence_{steps,seconds}.png. "
+                                       "Resumable: rerun the same command to continue. docs/convergence.md.")
+    c.add_argument("--data", default="digits", help="built-in data set: digits (default) | glyphs (the testbed)")
+    c.add_argument("--variants", default=None, metavar="NAME,NAME",
+                   help=f"variants to run besides the baseline (always run): {', '.join(VARIANTS)}; default: every "
+                        "one this dits train has the flags for")
+    c.add_argument("--variant", action="append", default=[], metavar="NAME='FLAGS'",
+                   help="a variant of your own, e.g. lr1e-3='--lr 1e-3' (repeatable; run in addition to --variants)")
+    c.add_argument("--seeds", type=int, default=2, help="seeds per variant, 0..N-1 (default 2)")
+    c.add_argument("--steps", type=int, default=None, help="steps of every run (default: the preset's)")
+    c.add_argument("--eval-every", type=int, default=None,
+                   help=f"evaluate (and checkpoint) every K steps (default steps / {EVALS_PER_RUN})")
+    c.add_argument("--eval-samples", type=int, default=DEFAULT_EVAL_SAMPLES,
+                   help=f"samples per evaluation (default {DEFAULT_EVAL_SAMPLES})")
+    c.add_argument("--train-args", default=None, metavar="'FLAGS'",
+                   help="extra `dits train` flags for every run, the baseline too (e.g. '--depth 2' for a quick look)")
+    c.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (at most the CPU cores; "
+                                                       "seconds then share the machine)")
+    c.add_argument("--out", default=None, help="output directory (default convergence-DATA)")
+    c.add_argument("--report-only", action="store_true", help="only (re)write the report from the run dirs")
+    c.set_defaults(func=_convergence)
+
+
+def _convergence(args) -> int:
+    from dits.bench import convergence
+    return convergence.run_from_args(args)
