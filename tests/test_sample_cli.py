@@ -40,25 +40,49 @@ def _expected(model, n, labels=None, seed=5):
 
 def test_png_grid_is_ten_rows_of_eight_in_class_order(run, tmp_path):
     """The default grid: 8 samples per class, one row per class (0..9 top to bottom), each 8x8
-    sample nearest-upscaled 8x into a 64x64 cell, 1 px white borders: 8*65+1 by 10*65+1 pixels."""
+    sample nearest-upscaled 8x into a 64x64 cell, 4 px white gaps (1/16 of a cell), and a white
+    margin on the left naming each row: (margin + 8*68+4) by 10*68+4 pixels."""
     out, model = run
     assert main(["sample", "--ckpt", str(out / "varied.pt"), "--out", str(tmp_path / "g.png"), *SAMPLE]) == 0
     grid = np.asarray(Image.open(tmp_path / "g.png"))
-    assert grid.shape == (10 * 65 + 1, 8 * 65 + 1)  # grey: one channel, saved as 'L'
+    margin = grid.shape[1] - (8 * 68 + 4)
+    assert grid.shape[0] == 10 * 68 + 4 and 8 <= margin < 64  # grey: one channel, saved as 'L'
     labels = torch.arange(10).repeat_interleave(8)
     images, _ = _expected(model, 80, labels)
     assert len({img.tobytes() for img in images}) == 80  # every cell distinct: a misplaced one would show
     for r in range(10):
         for c in range(8):
-            y0, x0 = 1 + 65 * r, 1 + 65 * c
+            y0, x0 = 4 + 68 * r, margin + 4 + 68 * c
             cell = grid[y0:y0 + 64, x0:x0 + 64]
             want = np.kron(images[8 * r + c, :, :, 0], np.ones((8, 8), dtype=np.uint8))
             np.testing.assert_array_equal(cell, want, err_msg=f"row {r} col {c}")
-    borders = np.ones(grid.shape, bool)
+    body = grid[:, margin:]
+    gaps = np.ones(body.shape, bool)
     for r in range(10):
         for c in range(8):
-            borders[1 + 65 * r:65 * (r + 1), 1 + 65 * c:65 * (c + 1)] = False
-    assert (grid[borders] == 255).all()
+            gaps[4 + 68 * r:68 * (r + 1), 4 + 68 * c:68 * (c + 1)] = False
+    assert (body[gaps] == 255).all()
+    # every row's label is ink in the margin beside that row, and the rows' labels differ (0..9)
+    rows = [grid[4 + 68 * r:68 * (r + 1), :margin] for r in range(10)]
+    assert all((row < 128).any() for row in rows)
+    assert len({row.tobytes() for row in rows}) == 10
+
+
+def test_grid_gap_scales_with_the_cell():
+    from dits.sample import grid_gap, make_grid
+
+    assert [grid_gap(c) for c in (8, 16, 64, 128)] == [1, 1, 4, 8]
+    g = make_grid(np.zeros((4, 16, 16, 1), np.uint8), ncol=2, scale=4)  # 64 px cells, 4 px apart
+    assert g.shape == (2 * 68 + 4, 2 * 68 + 4, 1)
+    assert (g[:4] == 255).all() and (g[68:72] == 255).all() and (g[4:68, 4:68] == 0).all()
+
+
+def test_class_rows_are_named_by_the_data_sets_classes():
+    from dits.sample import class_row_labels
+
+    assert class_row_labels(range(3), "glyphs") == ["A", "B", "C"]
+    assert class_row_labels([0, 9], "digits") == ["0", "9"]
+    assert class_row_labels([2, 11], None) == ["2", "11"]
 
 
 def test_directory_and_npz_hold_the_same_samples_whatever_the_batch(run, tmp_path):

@@ -361,3 +361,18 @@ def test_a_closed_pipe_is_not_an_error(monkeypatch):
     monkeypatch.setattr(cli_study, "run", gone)
     code = main(["study", "scaling", "--budget", "quick", "--print-commands"])
     assert code == 0
+
+
+def test_the_manifest_names_every_machine_the_cells_ran_on(tmp_path, monkeypatch):
+    """A study resumed on another machine keeps the first machine and adds the second: its figures
+    say both (times and compute read differently on another CPU)."""
+    import torch
+
+    assert runner.this_machine().endswith(f", torch {torch.__version__}")
+    monkeypatch.setattr(runner, "this_machine", lambda: "CPU A, torch 1")
+    runner.prepare_out(tmp_path, "scaling", "quick", [])
+    runner.prepare_out(tmp_path, "scaling", "quick", [])
+    assert runner.machines(tmp_path) == ["CPU A, torch 1"]
+    monkeypatch.setattr(runner, "this_machine", lambda: "CPU B, torch 2")
+    runner.prepare_out(tmp_path, "scaling", "quick", [])
+    assert runner.machines(tmp_path) == ["CPU A, torch 1", "CPU B, torch 2"]

@@ -81,7 +81,7 @@ def test_text_run_files_and_sampling_with_prompts(runs, tmp_path):
                  "--steps", "2", "--num-samples", "6", "--cfg-scale", "2", "--out", str(grid), "--no-progress"]) == 0
     with Image.open(grid) as im:
         w, h = im.size
-    assert h == 3 * 65 + 1 and w > 2 * 65 + 1 + 40  # three prompt rows of two, labels in a left margin
+    assert h == 3 * 68 + 4 and w > 2 * 68 + 4 + 40  # three prompt rows of two (4 px gaps), labels in a left margin
     npz = tmp_path / "s.npz"
     assert main(["sample", "--ckpt", str(runs / "text"), "--prompt", "a thin handwritten one", "--prompt", "the digit 0",
                  "--steps", "2", "--num-samples", "5", "--out", str(npz), "--no-progress"]) == 0

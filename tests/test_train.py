@@ -116,11 +116,13 @@ def test_run_directory_contents(tmp_path):
     svc = SVC(kernel="rbf", gamma=SVC_GAMMA, C=SVC_C).fit(to_inputs(real), real_labels)
     assert m["svc_accuracy"] == pytest.approx(float((svc.predict(x) == labs).mean()))
     # the preview grid: one row per class (samples_per_class = 1 column), 8x8 upscaled to 64x64 cells
+    # 4 px apart, the class names in a margin on the left
     grid = np.asarray(Image.open(tmp_path / "samples_0000010.png"))
     preview, _ = generate(ema, 10, labels=torch.arange(10), seed=cfg["seed"], **settings)
-    assert grid.shape == (10 * 65 + 1, 65 + 1)
+    margin = grid.shape[1] - (68 + 4)
+    assert grid.shape[0] == 10 * 68 + 4 and 8 <= margin < 64
     for r in range(10):
-        cell = grid[1 + 65 * r:65 * (r + 1), 1:65]
+        cell = grid[4 + 68 * r:68 * (r + 1), margin + 4:margin + 68]
         np.testing.assert_array_equal(cell, np.kron(preview[r, :, :, 0], np.ones((8, 8))))
 
 

@@ -116,12 +116,20 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     return np.concatenate(out), lab
 
 
-def make_grid(images: np.ndarray, ncol: int, scale: int = 1, pad: int = 1) -> np.ndarray:
-    """uint8 N x H x W x C -> one uint8 picture, ``ncol`` per row, nearest-upscaled by ``scale``."""
+def grid_gap(cell: int) -> int:
+    """White gap between grid cells: 1/16 of a cell side, at least 1 px (4 px between 64 px cells), so
+    that strokes of vertical neighbours do not read as one."""
+    return max(1, cell // 16)
+
+
+def make_grid(images: np.ndarray, ncol: int, scale: int = 1, pad: int | None = None) -> np.ndarray:
+    """uint8 N x H x W x C -> one uint8 picture, ``ncol`` per row, nearest-upscaled by ``scale``,
+    cells ``pad`` px apart (default :func:`grid_gap` of the upscaled cell) inside a ``pad`` border."""
     n, h, w, c = images.shape
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
         h, w = h * scale, w * scale
+    pad = grid_gap(h) if pad is None else pad
     nrow = math.ceil(n / ncol)
     grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, img in enumerate(images):
@@ -132,15 +140,26 @@ def make_grid(images: np.ndarray, ncol: int, scale: int = 1, pad: int = 1) -> np
 
 def save_grid(images: np.ndarray, path: str | Path, ncol: int, min_cell: int = 64, row_labels=None) -> Path:
     """Save a grid PNG; small images are upscaled so each cell is at least ``min_cell`` px.
-    ``row_labels`` (one string per row, e.g. the prompts) are written to the left of the rows."""
+    ``row_labels`` (one string per row: the class names or the prompts) are written to the left of
+    the rows (:func:`class_row_labels` names the rows of a per-class grid)."""
     from PIL import Image
 
     scale = max(1, math.ceil(min_cell / images.shape[1]))
+    cell = images.shape[1] * scale
     grid = make_grid(images, ncol, scale)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if row_labels:
-        img = label_rows(img, list(row_labels), images.shape[1] * scale)
+        img = label_rows(img, list(row_labels), cell, grid_gap(cell))
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def class_row_labels(classes, data: str | None = None) -> list[str]:
+    """Row labels of a per-class grid: the built-in data set's class names (the glyphs' letters),
+    else the class indices."""
+    from dits.data.builtin import get, is_builtin
+
+    names = get(data).class_names if data and is_builtin(data) else ()
+    return [str(names[int(c)]) if int(c) < len(names) else str(int(c)) for c in classes]
 
 
 def label_rows(img, labels: list, cell: int, pad: int = 1):

@@ -44,7 +44,7 @@ def run(args) -> int:
     import torch
 
     from dits.checkpoint import load_model
-    from dits.sample import generate, save_folder, save_grid, save_npz
+    from dits.sample import class_row_labels, generate, save_folder, save_grid, save_npz
     from dits.train.distributed import resolve_device
 
     out = Path(args.out)
@@ -116,7 +116,11 @@ def run(args) -> int:
         save_npz(out, images, labs, prompts=prompts)
     elif kind == ".png":
         ncol = int(np.bincount(labs).max()) if k and labels is not None else 8
-        rows = [prompts[i] for i in np.unique(labs)] if prompts is not None else None
+        if prompts is not None:
+            rows = [prompts[i] for i in np.unique(labs)]
+        else:  # a per-class grid: one row per class, named (the built-in data's class names, else the index)
+            even = k and labels is not None and (np.bincount(labs)[np.unique(labs)] == ncol).all()
+            rows = class_row_labels(np.unique(labs), tc.get("data")) if even else None
         save_grid(images, out, ncol=max(1, min(ncol, 32)), row_labels=rows if rows and ncol <= 32 else None)
     else:
         save_folder(out, images, labs)

@@ -455,7 +455,7 @@ def plot_vs_compute(runs: list[BackboneRun], path: Path, keys: list[str], data: 
             c = r.curve(key)
             ax.plot([r.compute(s) for s, _ in c], [v for _, v in c], marker="o", markersize=3,
                     color=FAMILY_COLOR[r.family], linestyle=styles[r.pair % len(styles)], label=r.label)
-        ax.set(xscale="log", yscale="log", xlabel="training compute (Gflops × 3 × batch × steps)",
+        ax.set(xscale="log", yscale="log", xlabel="training compute, Gflop (Gflops × 3 × batch × steps)",
                ylabel=_ylabel(key, data), title=f"{METRIC_NAMES.get(key, key)} vs training compute")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

@@ -397,11 +397,19 @@ def _fig():
 
 
 def _save(plt, fig, path: Path) -> str:
+    """Write a study figure into its study directory, naming at its foot the machine(s) the study's
+    manifest says its cells ran on (times and compute read differently on another machine)."""
     from matplotlib.ticker import NullFormatter
+
+    from dits.study.runner import machines
 
     for ax in fig.axes:  # minor labels on a short log x axis overprint each other
         ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
+    ran_on = machines(path.parent)
+    if ran_on:
+        fig.text(0.995, 0.003, "measured on " + "; ".join(ran_on), ha="right", va="bottom", fontsize=6, color="0.35")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path.name
@@ -435,7 +443,7 @@ def plot_fd_vs_gflops(runs: list[Run], path: Path, v: dict, key: str = "fd") -> 
     rs = [r for r in _scored(runs, key) if r.status == "done"]  # the cells rho is computed over
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, axis, name, rho in ((axes[0], "gflops", "Gflops (forward, one image)", v.get("rho_gflops")),
-                               (axes[1], "params", "parameters", v.get("rho_params"))):
+                               (axes[1], "params", "parameters (count)", v.get("rho_params"))):
         for r in rs:
             ax.scatter(getattr(r, axis), r.value(key), color=COLORS.get(r.size, "k"),
                        marker={8: "^", 4: "v", 2: "s", 1: "o"}.get(r.patch, "o"))
@@ -456,7 +464,7 @@ def plot_fd_vs_compute(runs: list[Run], path: Path, key: str = "fd") -> str:
     for r in _scored(runs, key):
         ax.plot([r.compute(s) for s, _ in r.curve(key)], [f for _, f in r.curve(key)], **_style(r))
     data = runs[0].data if runs else "digits"
-    ax.set(xscale="log", yscale="log", xlabel="training compute (Gflops × 3 × batch × steps)",
+    ax.set(xscale="log", yscale="log", xlabel="training compute, Gflop (Gflops × 3 × batch × steps)",
            ylabel=_ylabel(key, data), title=f"Fig. 9 style: {METRIC_NAMES.get(key, key)} vs training compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -475,7 +483,7 @@ def plot_sampling(recs: list[dict], runs: list[Run], path: Path, key: str = "fd"
         g = by_cell[cell].gflops
         ax.plot([2 * g * s for s, _ in pts], [f for _, f in pts], marker="o", label=f"{by_cell[cell].label} (DDPM steps "
                 f"{', '.join(str(s) for s, _ in pts)})", color=COLORS.get(by_cell[cell].size, "k"))
-    ax.set(xscale="log", yscale="log", xlabel="sampling Gflops per image (2 × Gflops × steps, with guidance)",
+    ax.set(xscale="log", yscale="log", xlabel="sampling compute per image, Gflop (2 × Gflops × steps, with guidance)",
            ylabel=METRIC_NAMES.get(key, key), title="Fig. 10 style: sampling compute vs model compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

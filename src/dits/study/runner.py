@@ -54,7 +54,26 @@ def prepare_out(out: Path, kind: str, budget: str, cells: list[Cell], data: str 
         raise UserError(f"--out {out} holds runs that no study manifest describes; give an empty or new --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    write_json_atomic(out / MANIFEST, {"kind": kind, "budget": budget, "data": data, "cells": [c.name for c in cells]})
+    machines = list((m or {}).get("machines", []))
+    if this_machine() not in machines:  # a study resumed elsewhere was measured on both
+        machines.append(this_machine())
+    write_json_atomic(out / MANIFEST, {"kind": kind, "budget": budget, "data": data, "cells": [c.name for c in cells],
+                                       "machines": machines})
+
+
+def this_machine() -> str:
+    """What the study's cells run on (they train on CUDA where there is one): device and torch."""
+    import torch
+
+    from dits.plan import device_name
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return f"{device_name(dev)}, torch {torch.__version__}"
+
+
+def machines(out: Path) -> list[str]:
+    """The machines a study directory's cells were run on (empty for manifests from before they were recorded)."""
+    return list((read_manifest(Path(out)) or {}).get("machines", []))
 
 
 def cell_state(out: Path, cell: Cell) -> str:
@@ -144,6 +163,16 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
     out = Path(out)
     cells = build_grid(kind, budget, data)
     prepare_out(out, kind, budget, cells, data)
+    return train_cells(cells, out, jobs, python, log, f"study {kind} ({budget}, data {data})")
+
+
+def train_cells(cells: list, out: str | Path, jobs: int = 1, python: str | None = None, log=print,
+                title: str = "study") -> dict:
+    """The runner proper, for any cells (``name``, ``label``, ``steps``, ``gflops``, ``eval_every``,
+    ``eval_samples``, ``train_args(run_dir)``) in a prepared ``out``: finished ones are skipped,
+    partial ones resumed, ``jobs`` processes at a time; {cell name: 'done' | 'failed: ...'}."""
+    check_jobs(jobs)
+    out = Path(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)   # jobs x threads <= cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -159,7 +188,7 @@ def run_cells(kind: str, budget: str, out: str | Path, jobs: int = 1, python: st
         if c.name in results:
             skip_done(c)
     est = {c.name: estimated_seconds(c) for c in todo}
-    log(f"study {kind} ({budget}, data {data}): {len(cells)} cells, {len(todo)} to train, {jobs} job(s) x {threads} thread(s); "
+    log(f"{title}: {len(cells)} cells, {len(todo)} to train, {jobs} job(s) x {threads} thread(s); "
         f"first estimate {_fmt_s(sum(est.values()) / jobs)}")
     running: dict[str, tuple[subprocess.Popen, Cell, float, object, int]] = {}  # proc, cell, start, log, log offset
     t0, last_status, spent_est, spent_real = time.time(), time.time(), 0.0, 0.0

@@ -109,7 +109,7 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
             prompts=None) -> dict:
     """Sample a grid (one row per class, or per prompt for text runs) with the EMA weights; on the
     built-in data, score samples (text runs on the digits: the digits-text check)."""
-    from dits.sample import generate, grid_labels, save_grid
+    from dits.sample import class_row_labels, generate, grid_labels, save_grid
 
     if cfg.latents and vae is None:
         return {}  # trained from a latent cache without --vae: nothing to decode previews with
@@ -126,7 +126,8 @@ def preview(cfg: TrainConfig, ema: DiT, vae, out: Path, step: int, num_classes: 
                   diffusion_steps=cfg.diffusion_steps, noise_schedule=cfg.noise_schedule,
                   objective=cfg.objective, guidance_interval=cfg.guidance_interval if num_classes else None)
     images, _ = generate(ema, rows * per, labels=labels, seed=cfg.seed, **common)
-    save_grid(images, out / f"samples_{step:07d}.png", ncol=per)
+    names = class_row_labels(range(num_classes), cfg.data) if num_classes > 0 else None
+    save_grid(images, out / f"samples_{step:07d}.png", ncol=per, row_labels=names)
     result = {"samples": str(out / f"samples_{step:07d}.png")}
     from dits.data.builtin import is_builtin
 
