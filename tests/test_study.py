@@ -376,3 +376,52 @@ def test_the_manifest_names_every_machine_the_cells_ran_on(tmp_path, monkeypatch
     monkeypatch.setattr(runner, "this_machine", lambda: "CPU B, torch 2")
     runner.prepare_out(tmp_path, "scaling", "quick", [])
     assert runner.machines(tmp_path) == ["CPU A, torch 1", "CPU B, torch 2"]
+
+
+STOPPABLE_TRAIN = r'''
+import os, signal, sys, time
+d = sys.argv[1]
+def stop(signum, frame):
+    time.sleep(0.5)  # the checkpoint a real run writes on SIGTERM
+    open(os.path.join(d, "checkpointed"), "w").close()
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(d, "started"), "w").close()
+time.sleep(120)
+'''
+
+RUN_STUDY = r'''
+import sys
+from dits.study import grid, runner
+out, py = sys.argv[1], sys.argv[2]
+cells = grid.build_grid("scaling", "quick", "digits")[:1]
+runner.prepare_out(out, "scaling", "quick", cells)
+runner.train_cells(cells, out, jobs=1, python=py)
+'''
+
+
+def test_a_killed_runner_stops_its_cells_at_a_checkpoint(tmp_path):
+    """`kill RUNNER` (SIGTERM to the runner alone, as a scheduler or `kill` sends it) reaches the
+    running cells, which checkpoint; the runner waits for them and exits 143, leaving no cell
+    training on behind it."""
+    import signal
+    import time
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "train.py").write_text(STOPPABLE_TRAIN)
+    py = tmp_path / "bin" / "python"
+    py.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'bin' / 'train.py'} {tmp_path}\n")
+    py.chmod(0o755)
+    (tmp_path / "study.py").write_text(RUN_STUDY)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(tmp_path / "s"), str(py)],
+                            env={**os.environ, "PYTHONPATH": ENV["PYTHONPATH"]},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert (tmp_path / "started").exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert (tmp_path / "checkpointed").exists()  # the cell was told, and waited for
+    assert "rerun the same command to resume" in output

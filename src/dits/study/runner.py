@@ -7,9 +7,12 @@ skips finished cells and resumes unfinished ones from their latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from dits.study.grid import BATCH_SIZE, DEFAULT_DATA, Cell, build_grid, train_co
 
 MANIFEST = "study.json"
 POLL_S, STATUS_EVERY_S = 1.0, 60.0
+STOP_WAIT_S = 300.0  # how long a stopped runner waits for its cells to write their checkpoints
 
 
 # ------------------------------------------------------------------ the study directory
@@ -193,6 +197,7 @@ def train_cells(cells: list, out: str | Path, jobs: int = 1, python: str | None 
     running: dict[str, tuple[subprocess.Popen, Cell, float, object, int]] = {}  # proc, cell, start, log, log offset
     t0, last_status, spent_est, spent_real = time.time(), time.time(), 0.0, 0.0
     queue = list(todo)
+    previous = _sigterm_raises()
     try:
         while queue or running:
             while queue and len(running) < jobs:
@@ -232,11 +237,43 @@ def train_cells(cells: list, out: str | Path, jobs: int = 1, python: str | None 
                 now = ", ".join(f"{c.label} {current_step(out, c)}/{c.steps}" for _, c, *_ in running.values())
                 log(f"  {_fmt_s(time.time() - t0)} elapsed; running {now}; "
                     f"ETA {_eta(queue, running, est, spent_est, spent_real, jobs, out)}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as e:
+        # Ctrl-C reached the cells too (one process group); `kill` of the runner did not: pass it on,
+        # and wait while they write their checkpoints, so that rerunning the command resumes them.
         for proc, *_ in running.values():
             proc.terminate()
+        for name, (proc, *_rest) in running.items():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_WAIT_S)
+        log(f"stopped ({'SIGTERM' if isinstance(e, Stopped) else 'interrupted'}): {len(running)} running cell(s) "
+            f"told to checkpoint; rerun the same command to resume")
+        if isinstance(e, Stopped):
+            raise SystemExit(128 + e.signum) from None
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return results
+
+
+class Stopped(Exception):
+    """The runner was sent SIGTERM (``kill``, a scheduler's preemption)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def _sigterm_raises():
+    """Make SIGTERM raise :class:`Stopped` in the runner; returns the handler it replaced (None off
+    the main thread, where Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_stopped)
 
 
 def _eta(queue, running, est, spent_est, spent_real, jobs, out=None) -> str:
