@@ -425,3 +425,20 @@ def test_a_killed_runner_stops_its_cells_at_a_checkpoint(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, output
     assert (tmp_path / "checkpointed").exists()  # the cell was told, and waited for
     assert "rerun the same command to resume" in output
+
+
+def test_a_second_runner_on_the_same_study_is_refused(tmp_path):
+    """Two runners on one --out would resume the same runs twice over: the second is refused in one
+    line while the first (its pid in OUT/runner.pid) lives; a stale pid file is taken over."""
+    out = tmp_path / "s"
+    runner.prepare_out(out, "scaling", "quick", [])
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / runner.LOCK).write_text(f"{first.pid}\n")
+        with pytest.raises(UserError, match=f"another runner \\(pid {first.pid}\\)"):
+            runner.train_cells([], out)
+    finally:
+        first.kill()
+        first.wait()
+    assert runner.train_cells([], out) == {}   # that pid is gone now: taken over, and released
+    assert not (out / runner.LOCK).exists()

@@ -178,6 +178,42 @@ def train_cells(cells: list, out: str | Path, jobs: int = 1, python: str | None 
     check_jobs(jobs)
     out = Path(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    with _runner_lock(out):
+        return _train_cells(cells, out, jobs, python, log, title)
+
+
+LOCK = "runner.pid"
+
+
+@contextlib.contextmanager
+def _runner_lock(out: Path):
+    """One runner per study directory: a second one would resume the same runs beside the first, and
+    each trainer's resume rewrites the logs the other is appending to. ``OUT/runner.pid`` holds the
+    running one's pid; a stale file (that process is gone) is taken over."""
+    path, pid = out / LOCK, None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int(path.read_text().split()[0])
+    if pid is not None and pid != os.getpid() and _alive(pid):
+        raise UserError(f"another runner (pid {pid}) is training {out}; wait for it, or stop it "
+                        f"(kill {pid}: its cells checkpoint) and rerun")
+    write_text_atomic(path, f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train_cells(cells: list, out: Path, jobs: int, python: str | None, log, title: str) -> dict:
     threads = max(1, (os.cpu_count() or 1) // jobs)   # jobs x threads <= cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONUNBUFFERED": "1"}
