@@ -435,8 +435,12 @@ def test_a_second_runner_on_the_same_study_is_refused(tmp_path):
     first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / runner.LOCK).write_text(f"{first.pid}\n")
+        manifest = (out / runner.MANIFEST).read_bytes()
         with pytest.raises(UserError, match=f"another runner \\(pid {first.pid}\\)"):
             runner.train_cells([], out)
+        with pytest.raises(UserError, match="another runner"):  # before the manifest is rewritten
+            runner.prepare_out(out, "scaling", "quick", [])
+        assert (out / runner.MANIFEST).read_bytes() == manifest
     finally:
         first.kill()
         first.wait()

@@ -47,8 +47,10 @@ def manifest_data(m: dict | None) -> str | None:
 
 
 def prepare_out(out: Path, kind: str, budget: str, cells: list[Cell], data: str | None = None) -> None:
-    """Check that ``out`` is empty of other studies' cells, then write the manifest."""
+    """Check that ``out`` is empty of other studies' cells and no other runner holds it, then write
+    the manifest."""
     out = Path(out)
+    check_no_runner(out)
     data = data or (cells[0].data if cells else DEFAULT_DATA)
     m = read_manifest(out)
     if m is not None and (m.get("kind"), m.get("budget"), manifest_data(m)) != (kind, budget, data):
@@ -190,17 +192,23 @@ def _runner_lock(out: Path):
     """One runner per study directory: a second one would resume the same runs beside the first, and
     each trainer's resume rewrites the logs the other is appending to. ``OUT/runner.pid`` holds the
     running one's pid; a stale file (that process is gone) is taken over."""
-    path, pid = out / LOCK, None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        pid = int(path.read_text().split()[0])
-    if pid is not None and pid != os.getpid() and _alive(pid):
-        raise UserError(f"another runner (pid {pid}) is training {out}; wait for it, or stop it "
-                        f"(kill {pid}: its cells checkpoint) and rerun")
+    check_no_runner(out)
+    path = out / LOCK
     write_text_atomic(path, f"{os.getpid()}\n")
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def check_no_runner(out: Path) -> None:
+    """One line, before anything is written, when another live runner holds ``out``."""
+    pid = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int((Path(out) / LOCK).read_text().split()[0])
+    if pid is not None and pid != os.getpid() and _alive(pid):
+        raise UserError(f"another runner (pid {pid}) is training {out}; wait for it, or stop it "
+                        f"(kill {pid}: its cells checkpoint) and rerun")
 
 
 def _alive(pid: int) -> bool:
