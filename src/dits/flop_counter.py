@@ -128,7 +128,7 @@ def count_flops(model_or_config, input_size: int | None = None, mask_ratio: floa
     kwargs = {}
     if mask_ratio:
         from dits.errors import UserError
-        from dits.flops import kept_tokens
+        from dits.masking import kept_tokens
 
         if not getattr(cfg, "decoder_depth", 0):
             raise UserError("a masked training step needs a DiT with a decoder (--mask-decoder-depth)")
@@ -187,13 +187,9 @@ def flops_rows(backbone: str = "dit", names=None, *, unet_channels=None, unet_la
         raise UserError("--unet-channels and --unet-layers size a U-Net; add --backbone unet")
     from dits.models import MODEL_NAMES, config_for
 
-    options = dict(options or {})
-    if mask_ratio is not None:
-        from dits.masking import DEFAULT_DECODER_DEPTH, check_mask_ratio
+    from dits.masking import with_decoder
 
-        check_mask_ratio(mask_ratio)
-        if mask_ratio > 0 and not options.get("decoder_depth"):
-            options["decoder_depth"] = DEFAULT_DECODER_DEPTH
+    options = with_decoder(options or {}, mask_ratio)
     rows = []
     for name in names or MODEL_NAMES:
         cfg = config_for(name, **common, block=block, **options)

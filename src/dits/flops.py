@@ -41,11 +41,6 @@ def _attention_macs(module: nn.Module, inputs: tuple) -> int:
     return 2 * n * t_q * t_k * d  # q k^T and attn @ v
 
 
-def kept_tokens(num_tokens: int, mask_ratio: float) -> int:
-    """Tokens the encoder sees in a masked step: int(T (1 − R)) as MaskDiT (and MAE) keep, at least 1."""
-    return max(1, int(num_tokens * (1.0 - float(mask_ratio))))
-
-
 def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | None = None,
                 mask_ratio: float | None = None) -> int:
     """Forward MACs for one image (batch of 1) of ``model``.
@@ -54,7 +49,7 @@ def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | No
     the meta device; the model itself is untouched). ``text_tokens`` (text models only) is the
     caption length counted, default the model's ``text_tokens``. ``mask_ratio`` R > 0 (models
     with a masked-training decoder) counts the masked training step's forward: the encoder on
-    :func:`kept_tokens` tokens.
+    :func:`dits.masking.kept_tokens` tokens.
     """
     cfg = model.config
     if input_size is not None and input_size != cfg.input_size:
@@ -110,6 +105,8 @@ def count_flops(model: DiT, input_size: int | None = None, text_tokens: int | No
         if mask_ratio:
             if not cfg.decoder_depth:
                 raise UserError("a masked training step needs a model with a decoder (--mask-decoder-depth)")
+            from dits.masking import kept_tokens
+
             keep = kept_tokens(cfg.num_tokens, mask_ratio)
             text["mask_keep"] = torch.arange(keep, device=device)[None]  # which tokens does not change the count
         was_training = model.training
@@ -163,11 +160,9 @@ def flops_table(names=None, text_tokens: int | None = None, text_encoder: str | 
         elif kind == "frozen":
             text["text_dim"] = 4096
     if mask_ratio is not None:
-        from dits.masking import DEFAULT_DECODER_DEPTH, check_mask_ratio
+        from dits.masking import with_decoder
 
-        check_mask_ratio(mask_ratio)
-        if mask_ratio > 0 and not overrides.get("decoder_depth"):
-            overrides["decoder_depth"] = DEFAULT_DECODER_DEPTH
+        overrides = with_decoder(overrides, mask_ratio)
     rows = []
     for name in names or MODEL_NAMES:
         extra = dict(text)

@@ -42,6 +42,20 @@ def check_mask_ratio(ratio) -> float:
     return r
 
 
+def kept_tokens(num_tokens: int, ratio: float) -> int:
+    """How many of ``num_tokens`` the encoder sees at mask ratio R: int(T (1 − R)), at least one."""
+    return max(1, int(num_tokens * (1.0 - float(ratio))))
+
+
+def with_decoder(options: dict, ratio) -> dict:
+    """Model options for counting a model trained with ``--mask-ratio`` (``dits flops``): R checked,
+    and the default decoder added when R > 0 and none is given, as the trainer builds it."""
+    options = dict(options)
+    if ratio is not None and check_mask_ratio(ratio) > 0 and not options.get("decoder_depth"):
+        options["decoder_depth"] = DEFAULT_DECODER_DEPTH
+    return options
+
+
 def decoder_depth(cfg) -> int:
     """The decoder a run's model gets: ``--mask-decoder-depth``, default 2 with masking, none without."""
     if cfg.mask_decoder_depth is not None:
@@ -89,7 +103,7 @@ class Masking:
 
     @property
     def kept(self) -> int:
-        return max(1, int(self.num_tokens * (1.0 - self.ratio)))
+        return kept_tokens(self.num_tokens, self.ratio)
 
     def active(self, step: int) -> bool:
         """Masked at ``step`` (0-based): all but the last ``unmask_steps`` steps."""
