@@ -93,7 +93,7 @@ def test_custom_variants_and_flag_checks():
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--variants", "min-snr,nosuch"], "unknown variant 'nosuch'; choose from: baseline, min-snr"),
+    (["--variants", "min-snr,nosuch"], "unknown variant 'nosuch'; choose from: baseline, diffusion, min-snr"),
     (["--variants", "min-snr", "--variant", "x=--no-such-flag 1"], "variant x: flag --no-such-flag unknown"),
 ])
 def test_bad_variants_exit_2_and_create_nothing(tmp_path, capsys, argv, msg):
@@ -129,7 +129,7 @@ def test_convergence_end_to_end(tmp_path, capsys, monkeypatch):
     assert all(float(r["seconds"]) > 0 and 0 <= float(r["accuracy"]) <= 1 and float(r["fd_heldout_ratio"]) > 0
                and float(r["heldout_mse"]) > 0 for r in rows)
     md = (out / "convergence.md").read_text()
-    assert "steps to base FD" in md and "`--loss-weighting min-snr:5`" in md and "torch" in md
+    assert "steps to base FD" in md and "`--objective diffusion --loss-weighting min-snr:5`" in md and "torch" in md
     for png in ("convergence_steps.png", "convergence_seconds.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # the same command again trains nothing

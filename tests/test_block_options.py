@@ -248,7 +248,7 @@ def test_diffusers_export_refuses_the_options():
 
 
 # ------------------------------------------------------------------ the trainer
-OPT_TINY = dict(model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=8, lr=1e-3,
+OPT_TINY = dict(objective="diffusion", model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=8, lr=1e-3,
                 warmup_steps=0, grad_clip=1.0, ema_decay=0.9, log_every=2, ckpt_every=2, sample_every=100,
                 sampler="ddim", sample_steps=2, samples_per_class=1, eval_samples=0, seed=5, plan="eager",
                 mlp="swiglu", norm="rmsnorm", pos="rope", adam_beta2=0.95)

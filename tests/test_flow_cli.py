@@ -14,7 +14,7 @@ from dits.objectives import objective_of
 from dits.sample import generate
 from dits.train import train
 
-TINY = dict(model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
+TINY = dict(objective="diffusion", model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
             warmup_steps=3, log_every=2, ckpt_every=4, sample_steps=2, samples_per_class=1, eval_samples=0, seed=3)
 
 
@@ -24,12 +24,22 @@ def run_cli(capsys, *argv):
 
 
 def test_preset_section_per_objective():
-    diff = resolve_config("digits", {})
+    """The digits preset trains flow with logit-normal t (issue 21's measured winner); its
+    ``diffusion:`` section gives back the diffusion preset it had before, key for key."""
+    preset = resolve_config("digits", {})
     fl = resolve_config("digits", {"objective": "flow"})
-    assert (diff.objective, diff.sampler, diff.sample_steps) == ("diffusion", "dpm++", 20)
-    assert (fl.objective, fl.sampler, fl.sample_steps) == ("flow", "heun", 10)
+    diff = resolve_config("digits", {"objective": "diffusion"})
+    assert (preset.objective, preset.t_sampling, preset.sampler, preset.sample_steps) == \
+        ("flow", "logit-normal", "heun", 10)
+    assert fl == preset
+    assert (diff.objective, diff.t_sampling, diff.sampler, diff.sample_steps) == ("diffusion", "uniform", "dpm++", 20)
+    assert {k: v for k, v in diff.to_dict().items() if k not in ("objective", "t_sampling", "sampler", "sample_steps")} \
+        == {k: v for k, v in preset.to_dict().items() if k not in ("objective", "t_sampling", "sampler", "sample_steps")}
     assert resolve_config("digits", {"objective": "flow", "sampler": "euler"}).sampler == "euler"  # flags win
+    assert resolve_config("digits", {"t_sampling": "uniform"}).t_sampling == "uniform"
     assert diff.learn_sigma is None and fl.learn_sigma is None   # automatic: resolved per objective
+    # the glyphs preset (the study testbed's) and the imagenet256 preset keep the paper's diffusion
+    assert resolve_config("glyphs", {}).objective == "diffusion"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +100,7 @@ def test_old_checkpoints_are_diffusion(runs, tmp_path, capsys):
     (["--objective", "score"], "unknown objective"),
     (["--objective", "flow", "--learn-sigma", "true"], "--learn-sigma true"),
     (["--objective", "flow", "--sampler", "ddpm"], "diffusion sampler"),
-    (["--sampler", "sde"], "flow sampler"),
+    (["--objective", "diffusion", "--sampler", "sde"], "flow sampler"),
     (["--guidance-interval", "0.9,0.1"], "LO <= HI"),
 ])
 def test_train_bad_objective_input(capsys, tmp_path, argv, needle):

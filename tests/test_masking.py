@@ -217,7 +217,7 @@ def test_flops_cli_prints_the_masked_step(capsys):
 
 
 # ------------------------------------------------------------------ training
-MTINY = dict(model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=8, lr=1e-3,
+MTINY = dict(objective="diffusion", model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=8, lr=1e-3,
              warmup_steps=0, grad_clip=1.0, ema_decay=0.9, log_every=1, ckpt_every=3, sample_every=100,
              sampler="ddim", sample_steps=2, samples_per_class=1, eval_samples=0, seed=7, plan="eager",
              mask_ratio=0.5, mask_decoder_depth=1, unmask_steps=2)

@@ -16,7 +16,7 @@ from dits.models import create_model
 from dits.train import train
 
 # a 1-block, width-32 DiT on the built-in digits: each run takes about a second
-TINY = dict(model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
+TINY = dict(objective="diffusion", model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
             warmup_steps=3, grad_clip=1.0, ema_decay=0.9, ema_warmup=True, log_every=5, ckpt_every=10,
             sampler="ddim", sample_steps=2, samples_per_class=1, eval_samples=0, seed=3)
 

@@ -17,7 +17,7 @@ from dits.errors import UserError
 from dits.train import train
 
 CPU = torch.device("cpu")
-TINY = dict(model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=8, lr=1e-3, warmup_steps=2,
+TINY = dict(objective="diffusion", model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=8, lr=1e-3, warmup_steps=2,
             grad_clip=1.0, ema_decay=0.9, log_every=2, sampler="ddim", sample_steps=2, samples_per_class=1,
             eval_samples=0, sample_every=1000, seed=3)
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
@@ -95,20 +95,23 @@ def test_compile_time_counts_for_the_run_length_and_a_slow_compile_meets_its_dea
     make, made, deadline = fake_plans(clock, {B.name: 0.020, BLOCKS.name: 0.015, MODEL.name: 0.012},
                                       {BLOCKS.name: 6.0, MODEL.name: 30.0})
     plans = [B, BLOCKS, MODEL]
-    # 1,000 steps of 20 ms: compile candidates may take 10 % of the 20 s run, 2 s; both compiles are cut there
+    # 1,000 steps of 20 ms: compile candidates may take BUDGET_FRACTION (25 %) of the 20 s run, 5 s;
+    # both compiles (6 s, 30 s) are cut there
+    b1, b4 = P.BUDGET_FRACTION * 20.0, P.BUDGET_FRACTION * 80.0
+    assert b1 < 6.0 < b4 < 30.0   # the fake compile times below sit on either side of both budgets
     ms = P.probe(plans, make, 1000, clock=clock, deadline=deadline)
     assert [ms[p.name].status for p in plans] == ["measured", "bound", "bound"]
-    assert ms[MODEL.name].allowed_s == pytest.approx(2.0) and ms[MODEL.name].bound_s == pytest.approx(2.0)
-    assert P.decide(ms, plans, 1000) == B and clock.t < 2 * 2.0 + 1
+    assert ms[MODEL.name].allowed_s == pytest.approx(b1) and ms[MODEL.name].bound_s == pytest.approx(b1)
+    assert P.decide(ms, plans, 1000) == B and clock.t < 2 * b1 + 1
     assert P.unsettled(ms, plans, 1000) == []         # the same run again: nothing to measure
-    # 4,000 steps allow 8 s: the per-block compile (6 s) is measured and wins (6 s + 60 s < 80 s) ...
+    # 4,000 steps allow 20 s: the per-block compile (6 s) is measured and wins (6 s + 60 s < 80 s) ...
     todo = P.unsettled(ms, plans, 4000)
     assert todo == [BLOCKS, MODEL]
     ms = P.probe(plans, make, 4000, {k: v for k, v in ms.items() if k not in {p.name for p in todo}},
                  clock=clock, deadline=deadline)
     assert P.decide(ms, plans, 4000) == BLOCKS and ms[BLOCKS.name].compile_s == pytest.approx(6.0)
-    assert ms[MODEL.name].status == "bound" and ms[MODEL.name].bound_s == pytest.approx(8.0)
-    # ... and the whole-model compile stays settled for runs that would not allow it more than 8 s
+    assert ms[MODEL.name].status == "bound" and ms[MODEL.name].bound_s == pytest.approx(b4)
+    # ... and the whole-model compile stays settled for runs that would not allow it more than it had
     assert P.unsettled(ms, plans, 2000) == [] and P.unsettled(ms, plans, 4000) == []
     assert P.unsettled(ms, plans, 8000) == [MODEL]
 

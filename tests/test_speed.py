@@ -462,12 +462,15 @@ def test_gelu_tanh_forms_are_the_reference_function(monkeypatch, compiling):
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-def test_linear_training_path_gradients(gelu):
+@pytest.mark.parametrize("fan_in, fan_out", [(96, 160), (160, 96)])   # both weight-gradient orientations
+def test_linear_training_path_gradients(gelu, fan_in, fan_out):
     """With autograd, dits.speed.linear runs all three GEMMs (forward, input gradient, weight
     gradient) on oneDNN where available: output and gradients against the same function
-    differentiated by autograd in float64 (F.linear + tanh-GELU)."""
+    differentiated by autograd in float64 (F.linear + tanh-GELU). The weight gradient transposes
+    the narrower operand (dits.speed._weight_grad): a wide-to-narrow layer takes the other branch."""
     g = torch.Generator().manual_seed(1)
-    x, w, b = torch.randn(2, 37, 96, generator=g), torch.randn(160, 96, generator=g) * 0.1, torch.randn(160, generator=g)
+    x, w, b = (torch.randn(2, 37, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g) * 0.1,
+               torch.randn(fan_out, generator=g))
     def ref(x, w, b):
         y = F.linear(x, w, b)
         return F.gelu(y, approximate="tanh") if gelu else y

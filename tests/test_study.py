@@ -153,6 +153,10 @@ def test_runner_skips_done_cells_resumes_partial_ones_and_survives_a_failure(tmp
     res = runner.run_cells("scaling", "quick", out, jobs=2, python=str(py), log=logs.append, data="digits")
     calls = (tmp_path / "bin" / "calls.txt").read_text().split("\n")
     assert "S-p4" not in " ".join(calls) and "S-p2 resume" in calls
+    # several jobs: the longest cells start first (the largest does not run on alone at the end)
+    started = [ln[1:ln.index("]")] for ln in logs if "] started:" in ln or "] resuming:" in ln]
+    est = {n: runner.estimated_seconds(c) for n, c in cells.items()}
+    assert len(started) == 5 and started == sorted(started, key=lambda n: -est[n]) and started[0] == "L-p2"
     assert res["B-p4"].startswith("failed") and "made-up failure" in res["B-p4"]
     assert sum(v == "done" for v in res.values()) == 5
     assert any("FAILED" in ln and "goes on" in ln for ln in logs) and any("ETA" in ln for ln in logs)
@@ -267,6 +271,7 @@ def test_printed_command_runs_as_given(tmp_path, monkeypatch, capsys):
     cfg = yaml.safe_load((runner.run_dir(tmp_path / "s", cell) / "config.yaml").read_text())
     assert (cfg["lr"], cfg["warmup_steps"], cfg["grad_clip"], cfg["ema_decay"], cfg["batch_size"]) == (
         2e-3, 100, 1.0, 0.999, 64)
+    assert (cfg["objective"], cfg["t_sampling"], cfg["sampler"], cfg["sample_steps"]) == ("diffusion", "uniform", "dpm++", 20)
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -19,7 +19,7 @@ from dits.cli import main
 from dits.config import resolve_config
 from dits.train import train
 
-TINY = dict(model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
+TINY = dict(objective="diffusion", model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
             warmup_steps=3, grad_clip=1.0, ema_decay=0.9, ema_warmup=True, log_every=2, ckpt_every=4,
             sampler="ddim", sample_steps=2, samples_per_class=1, eval_samples=0, seed=3)
 FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()] + ["--no-progress"]

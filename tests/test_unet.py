@@ -16,7 +16,7 @@ from dits.flop_counter import count_flops, count_macs
 from dits.models.unet import UNet, UNetConfig, create_unet
 from dits.train import train
 
-UTINY = dict(backbone="unet", unet_channels="8,16", unet_layers=1, batch_size=16, lr=1e-3, warmup_steps=3,
+UTINY = dict(objective="diffusion", backbone="unet", unet_channels="8,16", unet_layers=1, batch_size=16, lr=1e-3, warmup_steps=3,
              grad_clip=1.0, ema_decay=0.9, ema_warmup=True, log_every=2, ckpt_every=3, sampler="ddim",
              sample_steps=2, samples_per_class=1, eval_samples=0, seed=3)
 
@@ -110,7 +110,7 @@ def test_dit_path_unchanged_by_the_registry():
     from dits.models import create_model
     from dits.train.loop import build_model
 
-    cfg = resolve_config("digits", {"model": "DiT", "depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2})
+    cfg = resolve_config("digits", {"objective": "diffusion", "model": "DiT", "depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2})
     torch.manual_seed(5)
     a = build_model(cfg, 1, 8, 10)
     torch.manual_seed(5)

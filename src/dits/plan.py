@@ -56,7 +56,7 @@ MIN_TIMED, MAX_TIMED = 3, 8      # timed steps per candidate (after warm-up)
 CANDIDATE_SECONDS = 4.0          # stop timing a candidate after this much (MIN_TIMED steps at least)
 NOISE_MARGIN = 0.03              # a candidate is stopped once its estimate is this much over the best
 SWITCH_MARGIN = 0.02             # another plan replaces the rules' plan only when this much faster in total
-BUDGET_FRACTION = 0.10           # compile candidates may use this share of the run's estimated time ...
+BUDGET_FRACTION = 0.25           # compile candidates may use this share of the run's estimated time ...
 BUDGET_MAX_S = 600.0             # ... and never more than this
 
 

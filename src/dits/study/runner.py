@@ -240,7 +240,10 @@ def _train_cells(cells: list, out: Path, jobs: int, python: str | None, log, tit
         f"first estimate {_fmt_s(sum(est.values()) / jobs)}")
     running: dict[str, tuple[subprocess.Popen, Cell, float, object, int]] = {}  # proc, cell, start, log, log offset
     t0, last_status, spent_est, spent_real = time.time(), time.time(), 0.0, 0.0
-    queue = list(todo)
+    # One job: the grid's order (smallest first, results early). Several: longest first, so that the
+    # largest cell does not start last and run on alone while the other cores idle (a schedule
+    # that finishes within a longest cell's time of the ideal total / jobs).
+    queue = list(todo) if jobs == 1 else sorted(todo, key=lambda c: -est[c.name])
     previous = _sigterm_raises()
     try:
         while queue or running:
