@@ -82,7 +82,7 @@ def test_off_is_the_papers_step_bit_for_bit():
     (["--loss-weighting", "min-snr:0"], "gamma must be"),
     (["--loss-weighting", "min-snr:-1"], "gamma must be"),
     (["--loss-weighting", "snr"], "uniform or min-snr"),
-    (["--t-sampling", "logit-normal"], "for --objective flow"),
+    (["--objective", "diffusion", "--t-sampling", "logit-normal"], "for --objective flow"),
     (["--objective", "flow", "--t-sampling", "logit-normal:0,0"], "S > 0"),
 ])
 def test_bad_options_one_line_exit_2_nothing_created(tmp_path, capsys, argv, needle):
