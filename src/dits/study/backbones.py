@@ -284,7 +284,7 @@ def to_csv(table: list[dict]) -> str:
 
 
 def to_markdown_table(table: list[dict]) -> str:
-    from dits.study.report import _f
+    from dits.study.report import _f, quality_cells
 
     head = ("| run | family | model | params | Mflops | steps | training compute (Gflops) | held-out FD | "
             "held-out ratio | accuracy | held-out loss | gap | status |\n|" + "---|" * 13 + "\n")
@@ -292,11 +292,7 @@ def to_markdown_table(table: list[dict]) -> str:
         f"| {r['run']} | {r['family']} | {r['model']} | {_f(r['params'], ',')} | "
         f"{_f(None if r['gflops'] is None else 1e3 * r['gflops'], '.3g')} | {_f(r['steps'], 'd')} | "
         f"{_f(r['train_compute'], '.3g')} | {_f(r['fd_heldout'] if r['fd_heldout'] is not None else r['fd'], '.3f')} | "
-        f"{_f(r['heldout_ratio'], '.2f')}{'×' if r['heldout_ratio'] is not None else ''} | "
-        f"{_f(None if r['accuracy'] is None else 100 * r['accuracy'], '.1f')}{'%' if r['accuracy'] is not None else ''} | "
-        f"{_f(r['heldout_loss'], '.5f')} | "
-        f"{_f(None if r['loss_gap'] is None else 100 * r['loss_gap'], '+.1f')}{'%' if r['loss_gap'] is not None else ''} | "
-        f"{r['status']} |\n" for r in table)
+        f"{quality_cells(r)}\n" for r in table)
     return head + body
 
 

@@ -172,17 +172,25 @@ def _f(v, fmt: str) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def _unit(v, fmt: str, unit: str, scale: float = 1.0) -> str:
+    """``v × scale`` formatted with its unit, or the dash alone when missing."""
+    return _f(v, fmt) if v is None else _f(scale * v, fmt) + unit
+
+
+def quality_cells(r: dict) -> str:
+    """The columns every study table ends with: held-out ratio, accuracy, held-out loss, train/held-out
+    gap, status (the scaling and the backbones tables)."""
+    return (f"{_unit(r['heldout_ratio'], '.2f', '×')} | {_unit(r['accuracy'], '.1f', '%', 100)} | "
+            f"{_f(r['heldout_loss'], '.5f')} | {_unit(r['loss_gap'], '+.1f', '%', 100)} | {r['status']} |")
+
+
 def to_markdown_table(table: list[dict]) -> str:
     head = ("| model | patch | tokens | params | Gflops | steps | training compute (Gflops) | FD | "
             "held-out ratio | accuracy | held-out loss | train/held-out gap | status |\n|" + "---|" * 13 + "\n")
     body = "".join(
         f"| {r['model']} | {r['patch']} | {r['tokens']} | {_f(r['params'], ',')} | {_f(r['gflops'], '.3g')} | "
-        f"{_f(r['steps'], 'd')} | {_f(r['train_compute'], '.3g')} | {_f(r['fd'], '.3f')} | "
-        f"{_f(r['heldout_ratio'], '.2f')}{'×' if r['heldout_ratio'] is not None else ''} | "
-        f"{_f(None if r['accuracy'] is None else 100 * r['accuracy'], '.1f')}{'%' if r['accuracy'] is not None else ''}"
-        f" | {_f(r['heldout_loss'], '.5f')} | "
-        f"{_f(None if r['loss_gap'] is None else 100 * r['loss_gap'], '+.1f')}{'%' if r['loss_gap'] is not None else ''}"
-        f" | {r['status']} |\n" for r in table)
+        f"{_f(r['steps'], 'd')} | {_f(r['train_compute'], '.3g')} | {_f(r['fd'], '.3f')} | {quality_cells(r)}\n"
+        for r in table)
     return head + body
 
 
