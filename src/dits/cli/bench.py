@@ -69,7 +69,8 @@ def register(subparsers) -> None:
 
 def _common(p, batch_default) -> None:
     p.add_argument("--preset", choices=sorted(PRESET_SHAPES), default=None,
-                   help="take the model and data shape of a training preset (digits: depth 4, width 128, 8x8x1, b64)")
+                   help="take the model, data shape and recipe of a training preset (digits: depth 4, width 128, 8x8x1, "
+                        "b64), with the official code's objective, Gaussian diffusion")
     p.add_argument("--model", default="DiT-S/2", help="DiT-S/2 ... DiT-XL/8, or DiT with the sizes below (default DiT-S/2)")
     for name in ("depth", "hidden-size", "num-heads", "patch-size"):
         p.add_argument(f"--{name}", type=int, default=None, help="custom size (with --model DiT)")
@@ -100,7 +101,9 @@ def _setup(args):
     from dits.errors import UserError
 
     v = dict(PRESET_SHAPES.get(args.preset, {}))
-    if args.preset:  # the step and --compile auto as `dits train` runs them for the preset
+    # the preset's recipe and run length, as `dits train` runs them; the objective stays diffusion, the
+    # official code's (the digits preset trains flow: `dits train --preset digits --objective diffusion`)
+    if args.preset:
         from dits.config import resolve_config
         cfg = resolve_config(args.preset)
         v.update(run_steps=cfg.steps, grad_clip=cfg.grad_clip, lr=cfg.lr, warmup_steps=cfg.warmup_steps,

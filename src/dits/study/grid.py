@@ -36,8 +36,8 @@ BATCH_SIZE = 64                  # the digits preset's batch; training compute u
 # the study was written): the paper's Gaussian diffusion (the digits preset trains flow since
 # issue 21; a study reproduces DiT), AdamW lr 2e-3, 100 warm-up steps then constant, grad clip 1,
 # EMA 0.999 with warm-up.
-RECIPE = {"--objective": "diffusion", "--batch-size": BATCH_SIZE, "--lr": 2e-3, "--warmup-steps": 100, "--lr-schedule": "constant",
-          "--grad-clip": 1.0, "--ema-decay": 0.999, "--ema-warmup": "true"}
+RECIPE = {"--objective": "diffusion", "--batch-size": BATCH_SIZE, "--lr": 2e-3, "--warmup-steps": 100,
+          "--lr-schedule": "constant", "--grad-clip": 1.0, "--ema-decay": 0.999, "--ema-warmup": "true"}
 
 # What each budget trains, per data set. quick: a reduced grid for one sitting on a 2-core CPU;
 # full: the whole grid. `eval_every` is also the checkpoint interval, so a resumed cell never
