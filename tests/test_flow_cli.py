@@ -34,7 +34,11 @@ def test_preset_section_per_objective():
     assert fl == preset
     assert (diff.objective, diff.t_sampling, diff.sampler, diff.sample_steps) == ("diffusion", "uniform", "dpm++", 20)
     section = {"objective", *load_preset("digits")["diffusion"]}   # what the diffusion section changes
-    assert section == {"objective", "t_sampling", "sampler", "sample_steps"}
+    assert section == {"objective", "t_sampling", "sampler", "sample_steps", "steps", "sample_every", "cfg_scale",
+                       "guidance_interval"}
+    # flow guides only the less noisy half (measured, docs/convergence.md); diffusion as before, unguided interval
+    assert (preset.steps, preset.cfg_scale, preset.guidance_interval) == (2500, 1.4, "0,0.5")
+    assert (diff.steps, diff.cfg_scale, diff.guidance_interval) == (4000, 1.3, None)
     assert {k: v for k, v in diff.to_dict().items() if k not in section} \
         == {k: v for k, v in preset.to_dict().items() if k not in section}
     assert resolve_config("digits", {"objective": "flow", "sampler": "euler"}).sampler == "euler"  # flags win
@@ -141,3 +145,17 @@ def test_flow_run_resumes_on_the_same_trajectory(tmp_path):
     assert a["step"] == b["step"] == 6 and b["train_config"]["objective"] == "flow"
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_bench_preset_times_the_diffusion_run():
+    """`dits bench train --preset digits` times the official code's objective, so it plans for the
+    run `dits train --preset digits --objective diffusion` starts (4,000 steps), not the flow
+    preset's 2,500."""
+    import argparse
+
+    from dits.cli import bench
+    p = argparse.ArgumentParser()
+    bench.register(p.add_subparsers())
+    s = bench._setup(p.parse_args(["bench", "train", "--preset", "digits"]))
+    assert s.run_steps == resolve_config("digits", {"objective": "diffusion"}).steps == 4000
+    assert resolve_config("digits", {}).steps == 2500

@@ -105,7 +105,7 @@ def _setup(args):
     # official code's (the digits preset trains flow: `dits train --preset digits --objective diffusion`)
     if args.preset:
         from dits.config import resolve_config
-        cfg = resolve_config(args.preset)
+        cfg = resolve_config(args.preset, {"objective": "diffusion"})
         v.update(run_steps=cfg.steps, grad_clip=cfg.grad_clip, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                  ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup)
     given = {"model": None if args.model == "DiT-S/2" and args.preset else args.model, "depth": args.depth,
