@@ -73,6 +73,7 @@ def fake_plans(clock, step_s: dict, compile_s: dict | None = None):
 
 A, B, C = P.Plan("eager", "onednn", "sdpa"), P.Plan("eager", "mkl", "sdpa"), P.Plan("eager", "mkl", "math")
 BLOCKS, MODEL = P.Plan("compile-blocks", "mkl", "sdpa"), P.Plan("compile-model", "mkl", "sdpa")
+BLOCKS_M, MODEL_M = P.Plan("compile-blocks", "mkl", "math"), P.Plan("compile-model", "mkl", "math")
 
 
 def test_probe_picks_the_faster_of_two_fake_plans_and_stops_the_hopeless_early():
@@ -129,18 +130,37 @@ def _choose(monkeypatch, tmp_path, steps, step_s, compile_s=None, eager=(A, B), 
 
 
 def test_choose_caches_and_the_next_run_decides_without_probing(monkeypatch, tmp_path):
-    costs = {A.name: 0.030, B.name: 0.020, BLOCKS.name: 0.012}
-    choice, made = _choose(monkeypatch, tmp_path, 4000, costs, {BLOCKS.name: 6.0}, compiled=[BLOCKS])
-    assert choice.plan == BLOCKS and choice.probed and made == [A.name, B.name, BLOCKS.name]
+    costs = {A.name: 0.030, B.name: 0.020, BLOCKS.name: 0.012, BLOCKS_M.name: 0.014}
+    compile_s = {BLOCKS.name: 6.0, BLOCKS_M.name: 6.0}
+    choice, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, compiled=[BLOCKS])
+    assert choice.plan == BLOCKS and choice.probed and made == [A.name, B.name, BLOCKS.name, BLOCKS_M.name]
     assert choice.line.startswith("plan compile-blocks+mkl+sdpa, 12.0 ms/step + 6 s compile; "), choice.line
     assert "eager+mkl+sdpa would be 20.0 ms" in choice.line and "measured in" in choice.line
     assert "cached" in choice.line and len(choice.line.splitlines()) == 1
     assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) == 1
     # other run lengths decide from the same measurements, without timing anything
-    again, made = _choose(monkeypatch, tmp_path, 2000, costs, {BLOCKS.name: 6.0}, compiled=[BLOCKS])
+    again, made = _choose(monkeypatch, tmp_path, 2000, costs, compile_s, compiled=[BLOCKS])
     assert made == [] and not again.probed and again.plan == BLOCKS and "from the plan cache" in again.line
-    short, made = _choose(monkeypatch, tmp_path, 600, costs, {BLOCKS.name: 6.0}, compiled=[BLOCKS])
+    short, made = _choose(monkeypatch, tmp_path, 600, costs, compile_s, compiled=[BLOCKS])
     assert made == [] and short.plan == B                      # 12 s eager < 6 s + 7.2 s
+
+
+def test_the_best_compiled_plan_is_also_tried_with_the_other_attention_kernel(monkeypatch, tmp_path):
+    # eager sdpa and math within noise, but compiled math is much faster (inductor fuses it): the
+    # winning compiled mode is tried once more with the other kernel, the losing mode is not
+    costs = {B.name: 0.020, C.name: 0.0205, BLOCKS.name: 0.015, MODEL.name: 0.012, MODEL_M.name: 0.008}
+    compile_s = {BLOCKS.name: 2.0, MODEL.name: 5.0, MODEL_M.name: 5.0}
+    choice, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, eager=(B, C), compiled=[BLOCKS, MODEL])
+    assert made == [B.name, C.name, BLOCKS.name, MODEL.name, MODEL_M.name], made
+    assert choice.plan == MODEL_M and choice.line.startswith("plan compile-model+mkl+math, 8.0 ms/step"), choice.line
+    again, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, eager=(B, C), compiled=[BLOCKS, MODEL])
+    assert made == [] and again.plan == MODEL_M
+    # a cache written before this candidate existed: only the missing one is measured
+    key = P.plan_key(CPU, {"depth": 1}, 8, "fp32")
+    P.save_cached(key, {n: m for n, m in again.measurements.items() if n != MODEL_M.name}, 1.0, 4000)
+    third, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, eager=(B, C), compiled=[BLOCKS, MODEL])
+    assert made == [MODEL_M.name] and third.plan == MODEL_M
+    assert P.other_attention(MODEL_M) == MODEL and P.other_attention(P.Plan("compile-model")) is None
 
 
 def test_unwritable_cache_warns_in_one_line_and_runs_without_caching(monkeypatch, tmp_path, capsys):

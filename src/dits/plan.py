@@ -177,10 +177,21 @@ def compile_candidates(device: torch.device, like: Plan) -> list[Plan]:
     return [Plan(mode, like.gemm, like.attention) for mode in ("compile-blocks", "compile-model")]
 
 
+def other_attention(plan: Plan) -> Plan | None:
+    """``plan`` with the other CPU attention kernel (None where the plan has no attention choice)."""
+    if plan.attention is None:
+        return None
+    return Plan(plan.mode, plan.gemm, next(a for a in ATTENTIONS if a != plan.attention))
+
+
 def all_candidates(device: torch.device, precision: str, compile_mode: str = "auto") -> list[Plan]:
-    """Every plan `dits bench --plan all` times: the eager ones, then the compiled ones (rules' kernels)."""
+    """Every plan `dits bench --plan all` times: the eager ones, then the compiled ones (rules'
+    kernels), then the compiled ones with the other attention kernel."""
     eager = eager_candidates(device, precision)
-    return eager + (compile_candidates(device, eager[0]) if compile_mode != "off" else [])
+    if compile_mode == "off":
+        return eager
+    compiled = compile_candidates(device, eager[0])
+    return eager + compiled + [q for q in map(other_attention, compiled) if q is not None]
 
 
 # ----------------------------------------------------------------------------- the cache key
@@ -366,7 +377,17 @@ def candidates_for(ms: dict[str, Measurement], eager: list[Plan], device, compil
     if compile_ok:
         name, _ = best(ms, [p.name for p in eager], steps)
         like = next((p for p in eager if p.name == name), eager[0])
-        plans += [p for p in compile_candidates(device, like) if has_blocks or p.mode != "compile-blocks"]
+        compiled = [p for p in compile_candidates(device, like) if has_blocks or p.mode != "compile-blocks"]
+        plans += compiled
+        # Inside a compiled graph the attention kernels rank otherwise than in eager: inductor fuses
+        # the math attention's scale and softmax into the kernels around them, SDPA stays one opaque
+        # call. DiT-S/2 bf16 on an AMX Xeon: eager sdpa/math within 2 %, compiled 813 vs 608 ms/step
+        # (docs/performance.md). So the best compiled plan is also tried with the other kernel: one
+        # more compile, once its mode is known to win among the compiled ones.
+        top, _ = best(ms, [p.name for p in compiled], steps)
+        alt = other_attention(next(p for p in compiled if p.name == top)) if top else None
+        if alt is not None:
+            plans.append(alt)
     return plans
 
 
@@ -544,8 +565,9 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         def drop(names):
             return {k: v for k, v in ms.items() if k not in {p.name for p in names}}
         ms = probe(eager, make_step, steps, drop(todo), clock=clock, deadline=deadline)      # the eager plans
-        plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)             # compiled on the best
-        ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
+        for _ in range(2):  # compiled on the best eager one, then the best compiled one's other attention
+            plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)
+            ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
         probed = True
         if ms.get(eager[0].name) is None or ms[eager[0].name].total(steps) is None:
             plan = rules_plan(device, precision, compile_mode, steps)
