@@ -401,8 +401,9 @@ def test_bench_train_and_sample_print_the_table(capsys, tmp_path):
     assert kinds == ["train 4 0", "train 4 1"] and n == 2 * (3 + 2), (kinds, n)
     import sys
     assert "models" not in sys.modules  # the official modules are taken off again
-    code, io = run_cli(capsys, "bench", "sample", *BENCH, "--sample-steps", "3", "--official", str(official))
-    assert code == 0 and "ms/batch" in io.out and "dits generate (ddpm, 3 steps)" in io.out, io.err
+    code, io = run_cli(capsys, "bench", "sample", *BENCH, "--sample-steps", "3", "--run-samples", "4",
+                       "--official", str(official))   # a short run: the rules' eager plan, nothing probed
+    assert code == 0 and "ms/batch" in io.out and "dits generate (ddpm, 3 steps, eager)" in io.out, io.err
     _check_speed_up_lines(io.out)
     # guided sampling: [cond; null] batch of 2 x 4, 3 steps, 1 warm-up + 1 round, both attention paths
     kinds, n = _official_calls(tmp_path)

@@ -438,12 +438,12 @@ def decide(ms: dict[str, Measurement], plans: list[Plan], steps: int) -> Plan:
     return next(p for p in plans if p.name == name)
 
 
-def describe(chosen: Plan, ms: dict[str, Measurement], plans: list[Plan], steps: int) -> str:
+def describe(chosen: Plan, ms: dict[str, Measurement], plans: list[Plan], steps: int, unit: str = "step") -> str:
     """``plan eager+onednn+sdpa, 30.1 ms/step; compile-blocks+sdpa would be 33.0 ms + 6.4 s, ...``"""
     m = ms.get(chosen.name)
     head = f"plan {chosen.name}"
     if m and m.step_s is not None:
-        head += f", {m.step_s * 1e3:.1f} ms/step" + (f" + {m.compile_s:.0f} s compile" if chosen.compile else "")
+        head += f", {m.step_s * 1e3:.1f} ms/{unit}" + (f" + {m.compile_s:.0f} s compile" if chosen.compile else "")
     others = []
     for mode in MODES:
         rivals = [p for p in plans if p.mode == mode and p != chosen and p.name in ms]
@@ -458,7 +458,7 @@ def describe(chosen: Plan, ms: dict[str, Measurement], plans: list[Plan], steps:
             r = max((ms[p.name] for p in rivals), key=lambda r: r.bound_s)
             others.append(f"{rivals[0].name} " + (f"failed ({r.note})" if r.status == "failed"
                                                   else f"> {r.bound_s:.0f} s to compile"))
-    return head + ("; " + ", ".join(others) if others else "") + f" (for {steps:,} steps)"
+    return head + ("; " + ", ".join(others) if others else "") + f" (for {steps:,} {unit}s)"
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -518,12 +518,13 @@ class Choice:
 def choose(request: str, *, compile_mode: str, device: torch.device, precision: str, steps: int, key: dict,
            make_step: Callable, resumed: dict | None = None, measurable: bool = True, why_not: str = "",
            has_blocks: bool = True, warn=None, clock: Callable[[], float] = time.perf_counter,
-           deadline=alarm) -> Choice:
+           deadline=alarm, unit: str = "step", rules: Plan | None = None) -> Choice:
     """The plan for a run of ``steps`` more steps (see the module docstring).
 
     ``request``: ``--plan`` (auto or a name); ``compile_mode``: ``--compile``; ``resumed``: the
     plan record of the checkpoint a resume starts from; ``measurable`` False (with ``why_not``)
-    takes the rules without measuring (e.g. under FSDP)."""
+    takes the rules without measuring (e.g. under FSDP); ``unit``: what one step is, for the line;
+    ``rules``: the plan taken where nothing is measured (default :func:`rules_plan`, the training rules)."""
     def bad(msg):
         return UserError(f"--plan {request}: {msg}")
 
@@ -539,8 +540,11 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         if why:
             raise bad(why)
         return Choice(plan, f"plan {plan.name} (--plan)", key)
+    def the_rules(mode):
+        return rules or rules_plan(device, precision, mode, steps)
+
     if compile_mode == "on":
-        plan = rules_plan(device, precision, "on", steps)
+        plan = the_rules("on")
         return Choice(plan, f"plan {plan.name} (--compile on)", key)
     if resumed and resumed.get("key") == key_digest(key):
         try:
@@ -550,10 +554,10 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         if plan is not None and runnable(plan, device, precision) is None and (compile_mode == "auto" or not plan.compile):
             return Choice(plan, f"plan {plan.name} (kept from the run: same machine, torch and shape)", key)
     if not measurable or steps < MIN_PROBE_STEPS:
-        plan = rules_plan(device, precision, compile_mode, steps)
+        plan = the_rules(compile_mode)
         if plan.mode == "compile-blocks" and not has_blocks:
             plan = Plan("compile-model", plan.gemm, plan.attention)
-        why = (why_not if not measurable else "") or f"a run of {steps:,} steps is too short to measure (< {MIN_PROBE_STEPS})"
+        why = (why_not if not measurable else "") or f"a run of {steps:,} {unit}s is too short to measure (< {MIN_PROBE_STEPS})"
         return Choice(plan, f"plan {plan.name} (the rules: {why})", key)
     eager = eager_candidates(device, precision)
     compile_ok = compile_mode == "auto"
@@ -570,7 +574,7 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
             ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
         probed = True
         if ms.get(eager[0].name) is None or ms[eager[0].name].total(steps) is None:
-            plan = rules_plan(device, precision, compile_mode, steps)
+            plan = the_rules(compile_mode)
             note = ms.get(eager[0].name).note if ms.get(eager[0].name) else "no measurement"
             return Choice(plan, f"plan {plan.name} (the rules: the probe failed: {note})", key, ms, True)
         spent = clock() - t0
@@ -579,7 +583,7 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
     else:
         source = "from the plan cache"
     chosen = decide(ms, plans, steps)
-    return Choice(chosen, f"{describe(chosen, ms, plans, steps)}; {source}", key, ms, probed)
+    return Choice(chosen, f"{describe(chosen, ms, plans, steps, unit)}; {source}", key, ms, probed)
 
 
 def check_request(request: str, compile_mode: str, device: torch.device, precision: str,
@@ -638,3 +642,27 @@ def choose_for_run(cfg, model: torch.nn.Module, ctx, steps: int, example: tuple,
         if not ctx.main:
             choice = Choice(Plan.parse(msg[0]), msg[1], key)
     return choice
+
+
+def choose_for_sampling(model: torch.nn.Module, x_shape: tuple, calls: int, device: torch.device,
+                        request: str = "auto", compile_mode: str = "auto", measurable: bool = True,
+                        why_not: str = "") -> Choice:
+    """The plan of a sampling run of ``calls`` model calls on batches of ``x_shape`` (the guided
+    call's doubled batch): :func:`choose` timing one model call (dits.bench.steps.SampleCallRunner)
+    per step, on the same candidates and cache as training (keyed by objective "sample"). Runs of
+    fewer than MIN_PROBE_STEPS calls take the rules: eager, with dits.speed's kernels chosen per call
+    (its inference rules: math attention on short sequences), as before plans existed."""
+    from dits.bench.steps import SampleCallRunner
+
+    shape = model.config.to_dict() if hasattr(model, "config") else {
+        "class": type(model).__name__, "params": sum(p.numel() for p in model.parameters())}
+    key = plan_key(device, shape, x_shape[0], "fp32", objective="sample")
+
+    def make_step(plan):
+        return SampleCallRunner(plan, model, x_shape, device)
+
+    with preserved_rng(device):
+        return choose(request, compile_mode=compile_mode, device=device, precision="fp32", steps=calls, key=key,
+                      make_step=make_step, measurable=measurable, why_not=why_not,
+                      has_blocks=hasattr(model, "blocks"), unit="call",
+                      rules=Plan("compile-model" if compile_mode == "on" else "eager"))

@@ -37,7 +37,8 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
              vae=None, clip_denoised: bool | None = None, diffusion_steps: int = 1000,
              noise_schedule: str = "linear", device=None, progress: bool = False, objective: str = "diffusion",
              guidance_interval: tuple[float, float] | str | None = None, prompts=None,
-             max_text_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             max_text_tokens: int | None = None, plan: str = "auto", compile: str = "auto",
+             plan_samples: int | None = None, say=None) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``n`` samples; returns (uint8 images N x H x W x C, int64 labels N).
 
     Sample i uses seed ``seed + i``, so it does not depend on the batch size. Without
@@ -51,6 +52,15 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     if given) are prompt indices, balanced over the prompts by default, and guidance runs each
     prompt against the null caption. ``max_text_tokens`` overrides the model's caption length
     (docs/text.md).
+
+    Speed: ``plan`` / ``compile`` as ``dits train``'s ``--plan`` / ``--compile`` (dits.plan). With
+    "auto", a run of at least dits.plan.MIN_PROBE_STEPS model calls times the candidate plans on
+    one call of its own shape (or takes them from the plan cache) and runs the fastest for its
+    length, compile included; shorter runs stay eager with dits.speed's kernels (:func:`sampling_plan`).
+    ``plan_samples`` decides as for a run of that many samples (the bench's); ``say`` gets the plan's line
+    when one was measured, cached or forced. Every plan computes the same function up to float
+    rounding; a compiled plan runs a last, smaller batch padded to the batch size (the extra rows
+    are dropped) so that one graph serves the whole run.
     """
     from dits.objectives import check_sampler, sample as objective_sample
     from dits.diffusion.guidance import parse_interval
@@ -89,6 +99,13 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     if clip_denoised is None:
         clip_denoised = pixel
     shape = (model.in_channels, model.input_size, model.input_size)
+    choice = sampling_plan(model, plan_samples or n, batch_size=batch_size, sampler=sampler, steps=steps,
+                           guided=labels is not None and cfg_scale != 1, objective=objective,
+                           noise_schedule=noise_schedule, diffusion_steps=diffusion_steps, device=device,
+                           plan=plan, compile=compile, text=text_model or prompts is not None)
+    if say is not None and not choice.line.startswith(f"plan {choice.plan.name} (the rules"):
+        say(choice.line)
+    net = _Planned(model, choice.plan.wrap(model, model))
     out = []
     starts = range(0, n, batch_size)
     bar = None
@@ -98,12 +115,16 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     try:
         for start in starts:
             m = min(batch_size, n - start)
+            rows = batch_size if choice.plan.compile and n > batch_size else m  # one shape for the graph
             y = labels[start:start + m].to(device) if labels is not None else None
-            x = objective_sample(model, (m, *shape), objective=objective, y=y, sampler=sampler, steps=steps,
-                                 cfg_scale=cfg_scale, guided_channels=guided_channels,
-                                 guidance_interval=guidance_interval, learn_sigma=model.learn_sigma,
-                                 noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
-                                 clip_denoised=clip_denoised, seed=seed + start, device=device)
+            if y is not None and rows > m:
+                y = torch.cat([y, y[:1].expand(rows - m)])
+            with choice.plan.scope():
+                x = objective_sample(net, (rows, *shape), objective=objective, y=y, sampler=sampler, steps=steps,
+                                     cfg_scale=cfg_scale, guided_channels=guided_channels,
+                                     guidance_interval=guidance_interval, learn_sigma=model.learn_sigma,
+                                     noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
+                                     clip_denoised=clip_denoised, seed=seed + start, device=device)[:m]
             if vae is not None:
                 x = vae.decode(x)
             out.append(to_uint8(x))
@@ -112,8 +133,49 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     finally:  # an error is printed on its own line, not onto the bar's
         if bar is not None:
             bar.close()
+        for blk in getattr(model, "blocks", []) if choice.plan.mode == "compile-blocks" else []:
+            blk._compiled_call_impl = None  # the caller's model leaves as it came (not compiled)
     lab = labels.numpy().astype(np.int64) if labels is not None else np.zeros(n, dtype=np.int64)
     return np.concatenate(out), lab
+
+
+class _Planned:
+    """``model`` as the samplers see it: its attributes, its calls through ``net`` (the plan's
+    compiled graph, or the model itself)."""
+
+    def __init__(self, model, net):
+        self._model, self._net = model, net
+
+    def __call__(self, *args, **kwargs):
+        return self._net(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def sampling_plan(model, n: int, *, batch_size: int = 256, sampler: str | None = None, steps: int | None = None,
+                  guided: bool = True, objective: str = "diffusion", noise_schedule: str = "linear",
+                  diffusion_steps: int = 1000, device=None, plan: str = "auto", compile: str = "auto",
+                  text: bool = False):
+    """The dits.plan.Choice :func:`generate` runs ``n`` samples with: the run's model calls are its
+    batches x the sampler's evaluations per sample, each timed on one call of the first batch's
+    shape (doubled when ``guided``: the shape most calls have)."""
+    from dits.objectives import DEFAULT_SAMPLER, default_steps, evaluation_levels
+    from dits.plan import choose_for_sampling
+    from dits.speed import COMPILE_MODES
+
+    if compile not in COMPILE_MODES:
+        raise UserError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    if text and compile == "auto":
+        compile = "off"  # a prompt-conditioned wrapper: not measured, not compiled unless asked
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sampler = sampler or DEFAULT_SAMPLER[objective]
+    steps = default_steps(sampler) if steps is None else steps
+    calls = math.ceil(n / batch_size) * len(evaluation_levels(objective, sampler, steps, noise_schedule, diffusion_steps))
+    rows = min(batch_size, n) * (2 if guided else 1)
+    shape = (rows, model.in_channels, model.input_size, model.input_size)
+    return choose_for_sampling(model, shape, calls, device, plan, compile,
+                               measurable=not text, why_not="text models are not measured")
 
 
 def grid_gap(cell: int) -> int:

@@ -37,8 +37,10 @@ def build(spec: dict):
             fn, _, choice = dits_train_step(s)  # (its plan line goes into the table)
             return fn, {"label": f"dits ({s.precision}, {choice.plan.name})", "plan": choice.plan.name,
                         "plan_line": choice.line, "compiled": choice.plan.compile is not None}
-        fn, _ = dits_sample(s)
-        return fn, {"label": f"dits generate ({s.sampler}, {s.sample_steps} steps)"}
+        s.plan = spec.get("plan") or s.plan
+        fn, _, choice = dits_sample(s)
+        return fn, {"label": f"dits generate ({s.sampler}, {s.sample_steps} steps, {choice.plan.name})",
+                    "plan": choice.plan.name, "plan_line": choice.line, "compiled": choice.plan.compile is not None}
     like = s.build()
     make = off.official_train_step if spec["kind"] == "train" else off.official_sampler
     return make(s, spec["official"], spec.get("extra_paths", []), like, spec["fused"]), {}
@@ -137,8 +139,8 @@ def run_isolated(specs: dict[str, dict], rounds: int, per_round: int, warmup: in
     workers = []
     try:
         infos = {}
-        def probes(spec):  # a dits training contender with --plan auto may time plans while it starts
-            return spec["who"] == "dits" and spec["kind"] == "train" and spec.get("plan", "auto") == "auto"
+        def probes(spec):  # a dits contender with --plan auto may time plans while it starts
+            return spec["who"] == "dits" and spec.get("plan", "auto") == "auto"
         for name, spec in specs.items():  # those alone ...
             if probes(spec):
                 workers.append(Worker(name, spec, clock))

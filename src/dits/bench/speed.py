@@ -55,6 +55,7 @@ class Setup:
     cfg_scale: float = 4.0
     seed: int = 0
     run_steps: int = 400_000  # the length of the run being mimicked: decides what the plan is
+    run_samples: int = 50_000 # ... and of a sampling run (FID's 50,000 samples), in samples
     grad_clip: float = 0.0    # the run's --grad-clip (0: the norm is only measured, for the log)
     lr: float = 1e-4
     warmup_steps: int = 0
@@ -241,18 +242,23 @@ def dits_train_step(s: Setup, say=None):
 
 
 def dits_sample(s: Setup):
-    """``dits.sample.generate`` with ``dits sample``'s defaults (per-sample seeds, DDPM, CFG)."""
-    from dits.sample import generate
+    """``dits.sample.generate`` with ``dits sample``'s defaults (per-sample seeds, DDPM, CFG) on one
+    batch, with the plan ``s.plan`` names, or with ``auto`` the plan `dits sample` would choose for a
+    run of ``s.run_samples`` samples in batches of ``s.batch`` (cache or probe, here at setup).
+    Returns (function, model, dits.plan.Choice)."""
+    from dits.sample import generate, sampling_plan
     from dits.speed import setup_device
 
     device = torch.device(s.device)
     setup_device(device)
     model = s.build().eval()
+    choice = sampling_plan(model, s.run_samples, batch_size=s.batch, sampler=s.sampler, steps=s.sample_steps,
+                           guided=s.cfg_scale != 1, device=device, plan=s.plan, compile=s.compile)
 
     def run():
         generate(model, s.batch, sampler=s.sampler, steps=s.sample_steps, cfg_scale=s.cfg_scale,
-                 seed=s.seed, batch_size=s.batch, device=device)
-    return run, model
+                 seed=s.seed, batch_size=s.batch, device=device, plan=choice.plan.name)
+    return run, model, choice
 
 
 # ----------------------------------------------------------------------------- report
@@ -260,18 +266,19 @@ def report(timings: list[Timing], s: Setup, work_flops: float, images: int, peak
            clock: str = "wall", how: str = "") -> str:
     """The table: per-call time, images/s, TFLOP/s, MFU, peak memory, compile time; then ratios
     to the best official contender (official = the faster of its attention paths, as the issue defines)."""
-    rows = [f"{'':38s} {unit:>10s} {'img/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s} {'compile':>8s}"]
+    w = min(max([38] + [len(t.name) for t in timings]), 64)
+    rows = [f"{'':{w}s} {unit:>10s} {'img/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s} {'compile':>8s}"]
     for t in timings:
         sec = t.median
         comp = f"{t.compile_s:6.1f} s" if t.compile_s is not None else f"{'-':>8s}"
-        rows.append(f"{t.name[:38]:38s} {sec * 1e3:10.1f} {images / sec:9.2f} {work_flops / sec / 1e12:8.4f} "
+        rows.append(f"{t.name[:w]:{w}s} {sec * 1e3:10.1f} {images / sec:9.2f} {work_flops / sec / 1e12:8.4f} "
                     f"{work_flops / sec / peak:6.1%} {t.peak_bytes / 2 ** 20:7.0f} MB {comp}")
     official = [t for t in timings if t.name.startswith("official")]
     mine = [t for t in timings if not t.name.startswith("official")]
     if official:
         top = min(official, key=lambda t: t.median)
         for t in mine:
-            rows.append(f"speed-up of {t.name[:38]} over {top.name}: {top.median / t.median:.2f}x")
+            rows.append(f"speed-up of {t.name[:w]} over {top.name}: {top.median / t.median:.2f}x")
     for t in timings:
         if t.note:
             rows.append(f"{t.name}: {t.note}")
@@ -333,7 +340,7 @@ def _run(kind: str, s: Setup, official, extra_paths, rounds, per_round, warmup, 
     check_clock(clock, device)
     if kind == "sample" and official and s.sampler != "ddpm":
         raise UserError("the official comparison times DDPM (p_sample_loop); use --sampler ddpm")
-    plans = _plans_for(s, plan, attention) if kind == "train" else ["auto"]
+    plans = _plans_for(s, plan, attention)
     specs = _contender_specs(kind, s, official, extra_paths, attention, plans)
     like = s.build()
     peak = peak_for(s, clock)  # before any contender starts: the machine's own
@@ -358,10 +365,11 @@ def bench_train(s: Setup, official: str | None = None, extra_paths=(), rounds: i
 
 
 def bench_sample(s: Setup, official: str | None = None, extra_paths=(), rounds: int = 3, warmup: int = 1,
-                 progress: bool = True, clock: str = "wall", isolation: str = "process") -> str:
-    """Time a whole sampling run of ``s.batch`` images; returns the printed table."""
+                 progress: bool = True, clock: str = "wall", isolation: str = "process", plan: str = "auto") -> str:
+    """Time sampling one batch of ``s.batch`` images with the plan a run of ``s.run_samples``
+    samples gets (or ``plan``: a name, or "all"); returns the printed table."""
     timings, model, peak, how = _run("sample", s, official, extra_paths, rounds, 1, warmup, "auto", progress, clock,
-                                     isolation, "auto")
+                                     isolation, plan)
     per_image = (2 if s.cfg_scale != 1 else 1) * s.sample_steps
     flops = 2 * count_flops(model) * s.batch * per_image
     return report(timings, s, flops, s.batch, peak, "ms/batch", clock, how)

@@ -60,3 +60,35 @@ class TrainStepRunner:
             torch._dynamo.reset()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class SampleCallRunner:
+    """One model call of a sampling run, as :func:`dits.sample.generate` makes it with ``plan``'s
+    kernels and compile: ``model(x, t, y)`` under no_grad on fixed random inputs of the run's shape
+    ``x_shape`` (a guided call's doubled batch; labels up to the null class). The model is not
+    copied: :meth:`close` undoes a per-block compile."""
+
+    def __init__(self, plan, model: torch.nn.Module, x_shape: tuple, device: torch.device):
+        g = torch.Generator().manual_seed(0)
+        n, k = x_shape[0], int(getattr(model, "num_classes", 0) or 0)
+        self.x = torch.randn(x_shape, generator=g).to(device)
+        self.t = torch.randint(0, 1000, (n,), generator=g).to(device)
+        self.y = torch.randint(0, k + 1, (n,), generator=g).to(device) if k else None
+        self.device, self.plan, self.model = device, plan, model
+        self.net = plan.wrap(model, model, quiet=True)
+
+    def run(self) -> None:
+        with torch.no_grad(), self.plan.scope():
+            self.net(self.x, self.t, self.y)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def failed(self) -> str | None:
+        return getattr(self.net, "why", "torch.compile failed") if getattr(self.net, "failed", False) else None
+
+    def close(self) -> None:
+        for blk in getattr(self.model, "blocks", []):
+            blk._compiled_call_impl = None
+        if self.plan.compile:
+            torch._dynamo.reset()
+        self.net = self.model = None

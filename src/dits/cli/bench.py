@@ -63,6 +63,11 @@ def register(subparsers) -> None:
     m.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm++ | heun (default ddpm)")
     m.add_argument("--sample-steps", type=int, default=250, help="sampling steps (default 250)")
     m.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default 4.0)")
+    m.add_argument("--plan", default="auto", metavar="PLAN",
+                   help="auto (what `dits sample` would choose for a run of --run-samples: cache or probe), a plan "
+                        "name (e.g. eager+mkl+math, compile-model), or all: every candidate plan side by side")
+    m.add_argument("--run-samples", type=int, default=50_000,
+                   help="the sampling run the plan is chosen for, in samples (default 50,000: FID's)")
     m.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
     m.set_defaults(func=_sample)
 
@@ -130,7 +135,7 @@ def _setup(args):
     if plan not in ("auto", "all"):
         from dits.plan import check_plan_name
         check_plan_name(plan)
-    for k in ("sampler", "sample_steps", "cfg_scale", "grad_checkpoint"):
+    for k in ("sampler", "sample_steps", "cfg_scale", "grad_checkpoint", "run_samples"):
         if hasattr(args, k):
             extra[k] = getattr(args, k)
     return Setup(**v, **extra)
@@ -143,7 +148,8 @@ def _extra_paths(args) -> list[str]:
 
 def _header(kind: str, s, args) -> None:
     size = s.model if s.model != "DiT" else f"DiT depth {s.depth} width {s.hidden_size} heads {s.num_heads} patch {s.patch_size}"
-    plan = f", plan {getattr(args, 'plan', 'auto')} (for a {s.run_steps:,}-step run)" if kind == "train" else ""
+    plan = (f", plan {args.plan} (for a {s.run_steps:,}-step run)" if kind == "train" else
+            f", plan {args.plan} (for a {s.run_samples:,}-sample run)")
     print(f"dits bench {kind}: {size}, {s.input_size}x{s.input_size}x{s.in_channels}, batch {s.batch}, "
           f"{s.precision}, compile {s.compile}{plan}, {s.device}", flush=True)
     if args.torch_info:
@@ -169,12 +175,12 @@ def _sample(args) -> int:
     from dits.bench import bench_sample
 
     s = _setup(args)
-    if args.rounds < 1 or args.sample_steps < 1:
+    if args.rounds < 1 or args.sample_steps < 1 or args.run_samples < 1:
         from dits.errors import UserError
-        raise UserError("--rounds and --sample-steps must be >= 1")
+        raise UserError("--rounds, --sample-steps and --run-samples must be >= 1")
     _header("sample", s, args)
     print(bench_sample(s, args.official, _extra_paths(args), rounds=args.rounds, clock=args.clock,
-                       isolation=args.isolation))
+                       isolation=args.isolation, plan=args.plan))
     return 0
 
 

@@ -33,6 +33,11 @@ def register(sub) -> None:
     a("--max-text-tokens", type=int, default=None,
       help="text models: caption tokens (default: the model's; more only for cross-attention with a frozen encoder)")
     a("--batch-size", type=int, default=256)
+    a("--plan", default="auto", metavar="PLAN",
+      help="how the model runs: auto (a run of >= 500 model calls times the candidate plans once per machine and "
+           "model, then takes the fastest; docs/performance.md), or a plan name (eager+mkl+math, compile-model, ...)")
+    a("--compile", choices=("auto", "on", "off"), default="auto",
+      help="torch.compile: auto (when it pays for the run, as measured), on (the whole model), off (eager plans only)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--out", required=True, help="FILE.npz | FILE.png | DIR")
@@ -56,6 +61,9 @@ def run(args) -> int:
     for flag in ("num_samples", "steps", "batch_size", "max_text_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.plan != "auto":
+        from dits.plan import check_plan_name
+        check_plan_name(args.plan)
     prompts = _prompts(args)
     from dits.objectives import SAMPLERS
     known = sorted(set().union(*SAMPLERS.values()))
@@ -111,7 +119,8 @@ def run(args) -> int:
                             vae=vae, objective=objective, guidance_interval=interval,
                             diffusion_steps=tc.get("diffusion_steps", 1000),
                             noise_schedule=tc.get("noise_schedule", "linear"), device=device,
-                            progress=not args.no_progress, prompts=prompts, max_text_tokens=args.max_text_tokens)
+                            progress=not args.no_progress, prompts=prompts, max_text_tokens=args.max_text_tokens,
+                            plan=args.plan, compile=args.compile, say=_say)
     if kind == ".npz":
         save_npz(out, images, labs, prompts=prompts)
     elif kind == ".png":
@@ -165,3 +174,8 @@ def _writable(d: Path) -> bool:
     while not d.exists() and d != d.parent:
         d = d.parent
     return d.is_dir() and os.access(d, os.W_OK)
+
+
+def _say(line: str) -> None:
+    import sys
+    print(f"dits sample: {line}", file=sys.stderr, flush=True)
