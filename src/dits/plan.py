@@ -22,6 +22,9 @@ measuring; a run of another length decides from the same measurements unless a c
 cut short might win at the new length. ``--plan NAME`` forces a plan, ``--compile on`` compiles the
 whole model, ``--compile off`` measures the eager plans only. Runs shorter than ``MIN_PROBE_STEPS``
 and ``--fsdp`` runs are not measured: they take dits.speed's rules (``should_compile``).
+
+Sampling (:func:`choose_for_sampling`, from dits.sample.generate) decides the same way for the model
+calls of a sampling run, one call of the run's shape timed per step.
 """
 from __future__ import annotations
 
@@ -540,6 +543,7 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         if why:
             raise bad(why)
         return Choice(plan, f"plan {plan.name} (--plan)", key)
+
     def the_rules(mode):
         return rules or rules_plan(device, precision, mode, steps)
 
