@@ -133,8 +133,9 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     finally:  # an error is printed on its own line, not onto the bar's
         if bar is not None:
             bar.close()
-        for blk in getattr(model, "blocks", []) if choice.plan.mode == "compile-blocks" else []:
-            blk._compiled_call_impl = None  # the caller's model leaves as it came (not compiled)
+        if choice.plan.mode == "compile-blocks":
+            from dits.speed import compiled_blocks, uncompile_blocks
+            uncompile_blocks(compiled_blocks(model))  # the caller's model leaves as it came (not compiled)
     lab = labels.numpy().astype(np.int64) if labels is not None else np.zeros(n, dtype=np.int64)
     return np.concatenate(out), lab
 

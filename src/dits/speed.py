@@ -343,6 +343,18 @@ def _contiguous_inputs(block: torch.nn.Module) -> None:
     block._compiled_call_impl = call
 
 
+def compiled_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules a per-block compile compiles: the transformer blocks, and a masked-training
+    decoder's blocks too."""
+    return list(getattr(model, "blocks", None) or []) + list(getattr(model, "decoder_blocks", None) or [])
+
+
+def uncompile_blocks(blocks) -> None:
+    """Undo ``nn.Module.compile`` on ``blocks``: they run eager again."""
+    for blk in blocks:
+        blk._compiled_call_impl = None
+
+
 class CompiledOrEager(torch.nn.Module):
     """``module`` compiled, with a clean fallback: if compiling fails on the first call (a
     broken toolchain, an unsupported op), say why in one line and run eager from then on.
@@ -374,8 +386,7 @@ class CompiledOrEager(torch.nn.Module):
                 raise
             except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
                 self.failed = True
-                for blk in self._blocks:  # undo nn.Module.compile
-                    blk._compiled_call_impl = None
+                uncompile_blocks(self._blocks)
                 why = (str(e).strip().splitlines() or [""])[0][:200]
                 self.__dict__["why"] = f"{type(e).__name__}: {why}"
                 if not self._quiet:
@@ -388,7 +399,5 @@ def compile_module(module: torch.nn.Module, plan: str = "model", model: torch.nn
     """``module`` (a DiT, or a DDP wrapper of ``model``) compiled by ``plan`` ("model", or
     "blocks": each of ``model.blocks``), with an eager fallback (see :class:`CompiledOrEager`)."""
     if plan == "blocks":
-        m = model if model is not None else module
-        blocks = list(m.blocks) + list(getattr(m, "decoder_blocks", None) or [])  # a masked-training decoder too
-        return CompiledOrEager(module, blocks=blocks, quiet=quiet)
+        return CompiledOrEager(module, blocks=compiled_blocks(model if model is not None else module), quiet=quiet)
     return CompiledOrEager(module, quiet=quiet)

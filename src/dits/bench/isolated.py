@@ -32,15 +32,15 @@ def build(spec: dict):
 
     s = Setup(**spec["setup"])
     if spec["who"] == "dits":
-        if spec["kind"] == "train":
-            s.plan = spec.get("plan") or s.plan
-            fn, _, choice = dits_train_step(s)  # (its plan line goes into the table)
-            return fn, {"label": f"dits ({s.precision}, {choice.plan.name})", "plan": choice.plan.name,
-                        "plan_line": choice.line, "compiled": choice.plan.compile is not None}
         s.plan = spec.get("plan") or s.plan
-        fn, _, choice = dits_sample(s)
-        return fn, {"label": f"dits generate ({s.sampler}, {s.sample_steps} steps, {choice.plan.name})",
-                    "plan": choice.plan.name, "plan_line": choice.line, "compiled": choice.plan.compile is not None}
+        if spec["kind"] == "train":
+            fn, _, choice = dits_train_step(s)  # (its plan line goes into the table)
+            label = f"dits ({s.precision}, {choice.plan.name})"
+        else:
+            fn, _, choice = dits_sample(s)
+            label = f"dits generate ({s.sampler}, {s.sample_steps} steps, {choice.plan.name})"
+        return fn, {"label": label, "plan": choice.plan.name, "plan_line": choice.line,
+                    "compiled": choice.plan.compile is not None}
     like = s.build()
     make = off.official_train_step if spec["kind"] == "train" else off.official_sampler
     return make(s, spec["official"], spec.get("extra_paths", []), like, spec["fused"]), {}

@@ -7,7 +7,28 @@ import copy
 import torch
 
 
-class TrainStepRunner:
+class _PlanRunner:
+    """What the probe needs of a runner besides ``run()``: why its compile failed, and ``close()``,
+    which undoes a per-block compile of ``self.model`` and drops what the plan compiled."""
+    plan = model = net = device = None
+
+    def failed(self) -> str | None:
+        """Why the plan's compile failed (the step then ran eager), or None."""
+        return getattr(self.net, "why", "torch.compile failed") if getattr(self.net, "failed", False) else None
+
+    def close(self) -> None:
+        from dits.speed import compiled_blocks, uncompile_blocks
+
+        compiled = self.plan is not None and self.plan.compile
+        uncompile_blocks(compiled_blocks(self.model))
+        self.net = self.model = None
+        if compiled:
+            torch._dynamo.reset()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class TrainStepRunner(_PlanRunner):
     """Calls :func:`dits.train.loop.train_step` on its own model (a copy of ``model`` unless
     ``copy_model`` is False), EMA and optimiser, compiled and with kernels as ``plan`` says, on the
     inputs ``inputs()`` returns: (x, t, model_kwargs, noise). Each :meth:`run` is one step with the
@@ -21,7 +42,7 @@ class TrainStepRunner:
         from dits.train.loop import StepParts
         from dits.train.outputs import LossAccumulator
 
-        self.device, self.inputs, self.step = device, inputs, step
+        self.device, self.inputs, self.step, self.plan = device, inputs, step, plan
         self.model = copy.deepcopy(model) if copy_model else model
         self.model.train()
         ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -47,22 +68,12 @@ class TrainStepRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def failed(self) -> str | None:
-        """Why the plan's compile failed (the step then ran eager), or None."""
-        return getattr(self.net, "why", "torch.compile failed") if getattr(self.net, "failed", False) else None
-
     def close(self) -> None:
-        compiled = self.parts.plan is not None and self.parts.plan.compile
-        for blk in getattr(self.model, "blocks", []):
-            blk._compiled_call_impl = None
-        self.parts = self.net = self.model = None
-        if compiled:
-            torch._dynamo.reset()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.parts = None
+        super().close()
 
 
-class SampleCallRunner:
+class SampleCallRunner(_PlanRunner):
     """One model call of a sampling run, as :func:`dits.sample.generate` makes it with ``plan``'s
     kernels and compile: ``model(x, t, y)`` under no_grad on fixed random inputs of the run's shape
     ``x_shape`` (a guided call's doubled batch; labels up to the null class). The model is not
@@ -82,13 +93,3 @@ class SampleCallRunner:
             self.net(self.x, self.t, self.y)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def failed(self) -> str | None:
-        return getattr(self.net, "why", "torch.compile failed") if getattr(self.net, "failed", False) else None
-
-    def close(self) -> None:
-        for blk in getattr(self.model, "blocks", []):
-            blk._compiled_call_impl = None
-        if self.plan.compile:
-            torch._dynamo.reset()
-        self.net = self.model = None

@@ -61,9 +61,8 @@ def run(args) -> int:
     for flag in ("num_samples", "steps", "batch_size", "max_text_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.plan != "auto":
-        from dits.plan import check_plan_name
-        check_plan_name(args.plan)
+    from dits.plan import check_plan_name
+    check_plan_name(args.plan)
     prompts = _prompts(args)
     from dits.objectives import SAMPLERS
     known = sorted(set().union(*SAMPLERS.values()))
