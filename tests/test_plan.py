@@ -74,6 +74,7 @@ def fake_plans(clock, step_s: dict, compile_s: dict | None = None):
 A, B, C = P.Plan("eager", "onednn", "sdpa"), P.Plan("eager", "mkl", "sdpa"), P.Plan("eager", "mkl", "math")
 BLOCKS, MODEL = P.Plan("compile-blocks", "mkl", "sdpa"), P.Plan("compile-model", "mkl", "sdpa")
 BLOCKS_M, MODEL_M = P.Plan("compile-blocks", "mkl", "math"), P.Plan("compile-model", "mkl", "math")
+BLOCKS_O, MODEL_O = P.Plan("compile-blocks", "onednn", "sdpa"), P.Plan("compile-model", "onednn", "sdpa")
 
 
 def test_probe_picks_the_faster_of_two_fake_plans_and_stops_the_hopeless_early():
@@ -130,10 +131,10 @@ def _choose(monkeypatch, tmp_path, steps, step_s, compile_s=None, eager=(A, B), 
 
 
 def test_choose_caches_and_the_next_run_decides_without_probing(monkeypatch, tmp_path):
-    costs = {A.name: 0.030, B.name: 0.020, BLOCKS.name: 0.012, BLOCKS_M.name: 0.014}
-    compile_s = {BLOCKS.name: 6.0, BLOCKS_M.name: 6.0}
+    costs = {A.name: 0.030, B.name: 0.020, BLOCKS.name: 0.012, BLOCKS_M.name: 0.014, BLOCKS_O.name: 0.013}
+    compile_s = {BLOCKS.name: 6.0, BLOCKS_M.name: 6.0, BLOCKS_O.name: 6.0}
     choice, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, compiled=[BLOCKS])
-    assert choice.plan == BLOCKS and choice.probed and made == [A.name, B.name, BLOCKS.name, BLOCKS_M.name]
+    assert choice.plan == BLOCKS and choice.probed and made == [A.name, B.name, BLOCKS.name, BLOCKS_M.name, BLOCKS_O.name]
     assert choice.line.startswith("plan compile-blocks+mkl+sdpa, 12.0 ms/step + 6 s compile; "), choice.line
     assert "eager+mkl+sdpa would be 20.0 ms" in choice.line and "measured in" in choice.line
     assert "cached" in choice.line and len(choice.line.splitlines()) == 1
@@ -148,10 +149,11 @@ def test_choose_caches_and_the_next_run_decides_without_probing(monkeypatch, tmp
 def test_the_best_compiled_plan_is_also_tried_with_the_other_attention_kernel(monkeypatch, tmp_path):
     # eager sdpa and math within noise, but compiled math is much faster (inductor fuses it): the
     # winning compiled mode is tried once more with the other kernel, the losing mode is not
-    costs = {B.name: 0.020, C.name: 0.0205, BLOCKS.name: 0.015, MODEL.name: 0.012, MODEL_M.name: 0.008}
-    compile_s = {BLOCKS.name: 2.0, MODEL.name: 5.0, MODEL_M.name: 5.0}
+    costs = {B.name: 0.020, C.name: 0.0205, BLOCKS.name: 0.015, MODEL.name: 0.012, MODEL_M.name: 0.008,
+             MODEL_O.name: 0.013}
+    compile_s = {BLOCKS.name: 2.0, MODEL.name: 5.0, MODEL_M.name: 5.0, MODEL_O.name: 5.0}
     choice, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, eager=(B, C), compiled=[BLOCKS, MODEL])
-    assert made == [B.name, C.name, BLOCKS.name, MODEL.name, MODEL_M.name], made
+    assert made == [B.name, C.name, BLOCKS.name, MODEL.name, MODEL_M.name, MODEL_O.name], made
     assert choice.plan == MODEL_M and choice.line.startswith("plan compile-model+mkl+math, 8.0 ms/step"), choice.line
     again, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, eager=(B, C), compiled=[BLOCKS, MODEL])
     assert made == [] and again.plan == MODEL_M
@@ -161,6 +163,29 @@ def test_the_best_compiled_plan_is_also_tried_with_the_other_attention_kernel(mo
     third, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, eager=(B, C), compiled=[BLOCKS, MODEL])
     assert made == [MODEL_M.name] and third.plan == MODEL_M
     assert P.other_attention(MODEL_M) == MODEL and P.other_attention(P.Plan("compile-model")) is None
+
+
+def test_the_best_compiled_plan_is_also_tried_with_the_other_gemm_backend(monkeypatch, tmp_path):
+    # a CPU where oneDNN's GEMMs win inside the graph though MKL won in eager (and the rules'
+    # compiled plans keep MKL): the winning mode is tried with oneDNN, and that plan is taken
+    costs = {A.name: 0.021, B.name: 0.020, BLOCKS.name: 0.015, MODEL.name: 0.012, MODEL_M.name: 0.0125,
+             MODEL_O.name: 0.007}
+    compile_s = {BLOCKS.name: 2.0, MODEL.name: 5.0, MODEL_M.name: 5.0, MODEL_O.name: 5.0}
+    choice, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, compiled=[BLOCKS, MODEL])
+    assert made == [A.name, B.name, BLOCKS.name, MODEL.name, MODEL_M.name, MODEL_O.name], made
+    assert choice.plan == MODEL_O and choice.line.startswith("plan compile-model+onednn+sdpa, 7.0 ms/step"), choice.line
+    assert P.other_gemm(MODEL_O) == MODEL and P.other_gemm(MODEL) == MODEL_O and P.other_gemm(P.Plan("eager")) is None
+    # a torch without the graph op (< 2.4): no compiled oneDNN candidate, and a forced one is one line
+    monkeypatch.setattr(speed, "onednn_in_graph", lambda: False)
+    assert P.other_gemm(MODEL) is None and P.other_gemm(B) == A
+    assert "torch >= 2.4" in P.runnable(MODEL_O, CPU, "fp32") and P.runnable(A, CPU, "fp32") is None
+
+
+def test_the_rules_compiled_plans_keep_the_compilers_gemms():
+    rules = P.rules_plan(CPU, "fp32", "on", 10 ** 6)
+    assert rules.mode == "compile-model" and rules.gemm == "mkl"
+    assert P.rules_plan(CPU, "fp32", "off", 10 ** 6).gemm == P.rule_gemm(CPU, "fp32")
+    assert P.rules_plan(CPU, "bf16", "on", 10 ** 6).gemm is None
 
 
 def test_unwritable_cache_warns_in_one_line_and_runs_without_caching(monkeypatch, tmp_path, capsys):

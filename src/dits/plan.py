@@ -5,7 +5,8 @@ function (dits.speed), so a plan changes the speed of a step, never what it comp
 
 - mode: ``eager``, ``compile-blocks`` (each transformer block compiled; the blocks share one
   graph, so it compiles in seconds) or ``compile-model`` (the whole network as one graph);
-- gemm, CPU fp32 only: ``onednn`` (dits.speed's oneDNN linear) or ``mkl`` (``F.linear``);
+- gemm, CPU fp32 only: ``onednn`` (dits.speed's oneDNN linear; inside a compiled graph as one
+  opaque op, forward and backward) or ``mkl`` (``F.linear``; compiled, inductor's own GEMM calls);
 - attention, CPU only: ``sdpa`` or ``math`` (two matmuls and a softmax).
 
 A name joins them with "+" (``eager+onednn+sdpa``, ``compile-blocks+math``); a part left out
@@ -49,7 +50,8 @@ from dits.errors import UserError
 MODES = ("eager", "compile-blocks", "compile-model")
 GEMMS = ("onednn", "mkl")
 ATTENTIONS = ("sdpa", "math")
-FORMAT = 1                 # of the cache entries; a change makes old entries invalid
+FORMAT = 2                 # of the cache entries; a change makes old entries invalid
+                           # (2: a compiled +onednn plan runs oneDNN in the graph; in 1 it ran MKL there)
 
 # The probe. Every candidate costs about WARMUP + TIMED steps (plus a compile); a run shorter than
 # MIN_PROBE_STEPS would spend a noticeable share of itself measuring (4 eager candidates x ~10
@@ -116,7 +118,7 @@ def check_plan_name(name: str) -> None:
 
 def runnable(plan: Plan, device: torch.device, precision: str) -> str | None:
     """Why ``plan`` cannot run here, or None if it can."""
-    from dits.speed import compiler_missing, onednn_available
+    from dits.speed import compiler_missing, onednn_available, onednn_in_graph
 
     if plan.compile:
         missing = compiler_missing(device)
@@ -129,6 +131,8 @@ def runnable(plan: Plan, device: torch.device, precision: str) -> str | None:
             return f"oneDNN's linear runs fp32 only (this run is {precision}; drop +onednn)"
         if not onednn_available():
             return "this torch build has no oneDNN linear kernel (use +mkl)"
+        if plan.compile and not onednn_in_graph():
+            return f"oneDNN inside a compiled graph needs torch.library.custom_op (torch >= 2.4; this is {torch.__version__}); use +mkl"
     if plan.attention and device.type != "cpu":
         return f"the attention choice is a CPU one (on {device} attention is always SDPA)"
     return None
@@ -153,12 +157,15 @@ def rule_gemm(device: torch.device, precision: str) -> str | None:
 
 
 def rules_plan(device: torch.device, precision: str, compile_mode: str, steps: int) -> Plan:
-    """What dits.speed's fixed rules (should_compile, attention_impl, the oneDNN rule) give."""
+    """What dits.speed's fixed rules (should_compile, attention_impl, the oneDNN rule) give. The
+    rules' compiled plans keep inductor's own GEMMs (``+mkl``), as compiled runs always did: oneDNN
+    inside the graph is a measured candidate (:func:`other_gemm`), not a rule."""
     from dits.speed import should_compile
 
     what, _ = should_compile(compile_mode, device, steps, precision)
     mode = {None: "eager", "blocks": "compile-blocks", "model": "compile-model"}[what]
-    return Plan(mode, rule_gemm(device, precision), rule_attention(device, precision))
+    gemm = rule_gemm(device, precision)
+    return Plan(mode, "mkl" if what and gemm else gemm, rule_attention(device, precision))
 
 
 def eager_candidates(device: torch.device, precision: str) -> list[Plan]:
@@ -172,12 +179,14 @@ def eager_candidates(device: torch.device, precision: str) -> list[Plan]:
 
 
 def compile_candidates(device: torch.device, like: Plan) -> list[Plan]:
-    """The compiled plans, with the kernels of ``like`` (the fastest eager plan) for what stays eager."""
-    from dits.speed import compiler_missing
+    """The compiled plans, with the kernels of ``like`` (the fastest eager plan): its attention
+    kernel, and its GEMMs (oneDNN's as one op inside the graph, where this torch can)."""
+    from dits.speed import compiler_missing, onednn_in_graph
 
     if compiler_missing(device):
         return []
-    return [Plan(mode, like.gemm, like.attention) for mode in ("compile-blocks", "compile-model")]
+    gemm = "mkl" if like.gemm == "onednn" and not onednn_in_graph() else like.gemm
+    return [Plan(mode, gemm, like.attention) for mode in ("compile-blocks", "compile-model")]
 
 
 def other_attention(plan: Plan) -> Plan | None:
@@ -187,14 +196,30 @@ def other_attention(plan: Plan) -> Plan | None:
     return Plan(plan.mode, plan.gemm, next(a for a in ATTENTIONS if a != plan.attention))
 
 
+def other_gemm(plan: Plan) -> Plan | None:
+    """``plan`` with the other CPU fp32 GEMM backend (None where the plan has no GEMM choice, or the
+    other one, oneDNN, cannot run in it)."""
+    from dits.speed import onednn_available, onednn_in_graph
+
+    if plan.gemm is None:
+        return None
+    gemm = next(g for g in GEMMS if g != plan.gemm)
+    if gemm == "onednn" and not (onednn_available() and (not plan.compile or onednn_in_graph())):
+        return None
+    return Plan(plan.mode, gemm, plan.attention)
+
+
 def all_candidates(device: torch.device, precision: str, compile_mode: str = "auto") -> list[Plan]:
     """Every plan `dits bench --plan all` times: the eager ones, then the compiled ones (rules'
-    kernels), then the compiled ones with the other attention kernel."""
+    kernels), then the compiled ones with the other attention kernel, then with the other GEMMs."""
     eager = eager_candidates(device, precision)
     if compile_mode == "off":
         return eager
     compiled = compile_candidates(device, eager[0])
-    return eager + compiled + [q for q in map(other_attention, compiled) if q is not None]
+    out = eager + compiled
+    for other in (other_attention, other_gemm):
+        out += [q for q in map(other, compiled) if q is not None and q not in out]
+    return out
 
 
 # ----------------------------------------------------------------------------- the cache key
@@ -387,10 +412,13 @@ def candidates_for(ms: dict[str, Measurement], eager: list[Plan], device, compil
         # call. DiT-S/2 bf16 on an AMX Xeon: eager sdpa/math within 2 %, compiled 813 vs 608 ms/step
         # (docs/performance.md). So the best compiled plan is also tried with the other kernel: one
         # more compile, once its mode is known to win among the compiled ones.
+        # The GEMMs too: oneDNN's fp32 GEMMs run 2x MKL's on one CPU (AMX Xeon, Zen 5) and 0.9x on
+        # another (Zen 4), and in a graph oneDNN is one opaque op where inductor would otherwise
+        # plan the GEMM itself; one more compile settles it for this machine.
         top, _ = best(ms, [p.name for p in compiled], steps)
-        alt = other_attention(next(p for p in compiled if p.name == top)) if top else None
-        if alt is not None:
-            plans.append(alt)
+        if top:
+            winner = next(p for p in compiled if p.name == top)
+            plans += [q for q in (other_attention(winner), other_gemm(winner)) if q is not None and q not in plans]
     return plans
 
 
@@ -512,6 +540,7 @@ class Choice:
     key: dict | None = None
     measurements: dict = field(default_factory=dict)
     probed: bool = False              # whether anything was timed for this run
+    by_rules: bool = False            # taken from the fixed rules (nothing measured or cached decided it)
 
     def record(self) -> dict:
         """What a checkpoint keeps, so that a resume on the same machine keeps the plan."""
@@ -562,7 +591,7 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         if plan.mode == "compile-blocks" and not has_blocks:
             plan = Plan("compile-model", plan.gemm, plan.attention)
         why = (why_not if not measurable else "") or f"a run of {steps:,} {unit}s is too short to measure (< {MIN_PROBE_STEPS})"
-        return Choice(plan, f"plan {plan.name} (the rules: {why})", key)
+        return Choice(plan, f"plan {plan.name} (the rules: {why})", key, by_rules=True)
     eager = eager_candidates(device, precision)
     compile_ok = compile_mode == "auto"
     ms = load_cached(key)
@@ -573,14 +602,14 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         def drop(names):
             return {k: v for k, v in ms.items() if k not in {p.name for p in names}}
         ms = probe(eager, make_step, steps, drop(todo), clock=clock, deadline=deadline)      # the eager plans
-        for _ in range(2):  # compiled on the best eager one, then the best compiled one's other attention
+        for _ in range(2):  # compiled on the best eager one, then the best compiled one's other kernels
             plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)
             ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
         probed = True
         if ms.get(eager[0].name) is None or ms[eager[0].name].total(steps) is None:
             plan = the_rules(compile_mode)
             note = ms.get(eager[0].name).note if ms.get(eager[0].name) else "no measurement"
-            return Choice(plan, f"plan {plan.name} (the rules: the probe failed: {note})", key, ms, True)
+            return Choice(plan, f"plan {plan.name} (the rules: the probe failed: {note})", key, ms, True, by_rules=True)
         spent = clock() - t0
         saved = save_cached(key, ms, spent, steps, warn)
         source = f"measured in {spent:.0f} s" + (", cached" if saved else "")

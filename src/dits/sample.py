@@ -103,7 +103,7 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
                            guided=labels is not None and cfg_scale != 1, objective=objective,
                            noise_schedule=noise_schedule, diffusion_steps=diffusion_steps, device=device,
                            plan=plan, compile=compile, text=text_model or prompts is not None)
-    if say is not None and not choice.line.startswith(f"plan {choice.plan.name} (the rules"):
+    if say is not None and not choice.by_rules:
         say(choice.line)
     net = _Planned(model, choice.plan.wrap(model, model))
     out = []

@@ -27,8 +27,10 @@ GEMM_BACKENDS = ("auto", "onednn", "mkl")
 
 # Forced attention kernel for tests, benchmarks and a run's plan ("auto" = the rules in attention_impl).
 _forced_attention = "auto"
-# Forced GEMM backend of `linear` ("auto" and "onednn": oneDNN where it applies; "mkl": always F.linear).
+# Forced GEMM backend of `linear` ("auto": oneDNN in eager code, the compiler's own GEMMs inside
+# torch.compile; "onednn": oneDNN there too, through the graph op; "mkl": always F.linear).
 _forced_gemm = "auto"
+_graph_op = None  # dits::onednn_linear once registered (_onednn_graph_op), by set_gemm("onednn")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -42,11 +44,14 @@ def set_attention(impl: str) -> None:
 
 def set_gemm(backend: str) -> None:
     """Force the GEMM backend of :func:`linear`: "mkl" (F.linear, MKL on x86 builds), "onednn"
-    (oneDNN's kernel wherever it applies: CPU fp32 outside autocast and compile) or "auto" (the same)."""
-    global _forced_gemm
+    (oneDNN's kernel wherever it applies: CPU fp32 outside autocast, compiled graphs included) or
+    "auto" (oneDNN in eager code; inside torch.compile the compiler's own GEMM calls)."""
+    global _forced_gemm, _graph_op
     if backend not in GEMM_BACKENDS:
         raise UserError(f"gemm backend must be one of {', '.join(GEMM_BACKENDS)}, got {backend!r}")
     _forced_gemm = backend
+    if backend == "onednn" and _graph_op is None and _onednn_linear_ok():
+        _graph_op = _onednn_graph_op()  # registered here, outside any compiled code
 
 
 @contextlib.contextmanager
@@ -168,15 +173,68 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return _onednn(x.t(), grad.t(), None).t()                            # (xᵀ grad)ᵀ
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_graph_op():
+    """oneDNN's linear as a custom op (``dits::onednn_linear``) that torch.compile keeps as one
+    opaque call, with its backward (input and weight gradients) on oneDNN too; None where this torch
+    has no ``torch.library.custom_op`` (< 2.4). Inside a compiled graph a plain F.linear becomes
+    inductor's GEMM call (MKL on x86); this is how a compiled plan keeps oneDNN's GEMMs (``+onednn``
+    in a compiled plan's name), which on some CPUs run at twice MKL's fp32 rate."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("dits::onednn_linear", mutates_args=())
+    def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _onednn(x.contiguous(), weight, bias)
+
+    @onednn_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.custom_op("dits::onednn_weight_grad", mutates_args=())
+    def onednn_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return _weight_grad(x.contiguous(), grad.contiguous()).contiguous()
+
+    @onednn_weight_grad.register_fake
+    def _(x, grad):
+        return x.new_empty(grad.shape[1], x.shape[1])
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx = onednn_linear(grad, weight.t().contiguous(), None)           # grad @ W
+        gw = onednn_weight_grad(x, grad)
+        gb = grad.sum(0) if ctx.has_bias else None
+        return gx, gw, gb
+
+    onednn_linear.register_autograd(backward, setup_context=setup_context)
+    return onednn_linear
+
+
 def onednn_available() -> bool:
     """Whether this torch build has oneDNN's CPU linear kernel (and it gives F.linear's numbers)."""
     return _onednn_linear_ok()
 
 
+def onednn_in_graph() -> bool:
+    """Whether oneDNN's linear can also run inside a compiled graph (the graph op; torch >= 2.4)."""
+    return _onednn_linear_ok() and _onednn_graph_op() is not None
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_forced_gemm != "mkl" and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and _onednn_linear_ok())
+    """Eager CPU fp32 outside autocast, unless "mkl" is forced; inside torch.compile only where a
+    plan forces "onednn" (the graph op, :func:`_onednn_graph_op`): left alone, a compiled graph
+    keeps inductor's own GEMMs."""
+    if (_forced_gemm == "mkl" or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
+        return False
+    if torch.compiler.is_compiling():  # (no probe call here: the compiler cannot trace it)
+        return _forced_gemm == "onednn" and _graph_op is not None
+    return _onednn_linear_ok()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
@@ -187,11 +245,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     training (forward, input and weight gradients) as in inference (docs/performance.md), and
     the same function up to float rounding. For inference the bias and the GELU are fused into
     the kernel; with autograd the GELU stays a separate op (its backward needs the
-    pre-activation). Autocast, other devices and dtypes, and torch.compile (which picks its
-    own kernels) keep F.linear.
+    pre-activation). Autocast and other devices and dtypes keep F.linear; so does torch.compile
+    (inductor plans its own GEMMs) unless a plan forces "onednn", which puts oneDNN's kernel in
+    the graph as one op (:func:`_onednn_graph_op`).
     """
     if _onednn_applies(x, weight):
         x2 = x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            y = _graph_op(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+            return gelu_tanh(y) if gelu else y
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             y = _OneDNNLinear.apply(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
