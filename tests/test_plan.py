@@ -422,6 +422,22 @@ def test_bench_plan_all_times_every_candidate_in_its_own_process(capsys, tmp_pat
     assert code == 2 and len(err) == 1 and "unknown plan" in err[0], err
 
 
+def test_bench_plan_list_times_the_named_plans_side_by_side(capsys, tmp_path, monkeypatch):
+    from test_speed import BENCH
+
+    monkeypatch.setenv("DITS_CACHE", str(tmp_path / "cache"))
+    code = main(["bench", "train", *BENCH, "--steps", "1", "--plan", "eager+math, eager+sdpa", "--compile", "off",
+                 "--precision", "bf16"])
+    io = capsys.readouterr()
+    assert code == 0, io.err
+    assert "\ndits eager+math " in io.out and "\ndits eager+sdpa " in io.out, io.out
+    for bad, why in (("eager+math,warp", "unknown plan"), ("eager+math,eager+math", "distinct plans"),
+                     ("eager+math,auto", "distinct plans")):
+        code = main(["bench", "train", *BENCH, "--steps", "1", "--plan", bad, "--compile", "off", "--precision", "bf16"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and why in err[0], (bad, err)
+
+
 def test_bench_shared_isolation_still_runs_the_official_stand_in(capsys, tmp_path, monkeypatch):
     from test_speed import BENCH, fake_official
 

@@ -318,7 +318,8 @@ def _contender_specs(kind: str, s: Setup, official: str | None, extra_paths, att
 
 
 def _plans_for(s: Setup, plan: str, attention: str) -> list[str]:
-    """The --plan values of the dits contender(s): one, or every candidate with --plan all."""
+    """The --plan values of the dits contender(s): one, a comma-separated list (each its own
+    contender: a same-run A/B), or every candidate with --plan all."""
     from dits.plan import Plan, all_candidates, rules_plan
 
     device = torch.device(s.device)
@@ -329,7 +330,10 @@ def _plans_for(s: Setup, plan: str, attention: str) -> list[str]:
             raise UserError("--attention and --plan both choose the attention kernel; give one of them")
         base = rules_plan(device, s.precision, s.compile, s.run_steps)
         return [Plan(base.mode, base.gemm, attention).name]
-    return [plan]
+    names = [p.strip() for p in plan.split(",")]
+    if len(names) > 1 and ("auto" in names or "all" in names or len(set(names)) < len(names)):
+        raise UserError(f"--plan {plan}: a list names distinct plans (not auto or all)")
+    return names
 
 
 def _run(kind: str, s: Setup, official, extra_paths, rounds, per_round, warmup, attention, progress, clock,

@@ -50,7 +50,8 @@ def register(subparsers) -> None:
                    help="force an attention kernel (default auto: the plan's)")
     t.add_argument("--plan", default="auto", metavar="PLAN",
                    help="auto (what `dits train` would choose for the run: cache or probe), a plan name "
-                        "(e.g. eager+onednn+sdpa, compile-blocks), or all: every candidate plan side by side")
+                        "(e.g. eager+onednn+sdpa, compile-blocks), a comma-separated list of them, or all: every "
+                        "candidate plan side by side")
     t.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
     t.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported (default 5)")
     t.set_defaults(func=_train)
@@ -65,7 +66,8 @@ def register(subparsers) -> None:
     m.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default 4.0)")
     m.add_argument("--plan", default="auto", metavar="PLAN",
                    help="auto (what `dits sample` would choose for a run of --run-samples: cache or probe), a plan "
-                        "name (e.g. eager+mkl+math, compile-model), or all: every candidate plan side by side")
+                        "name (e.g. eager+mkl+math, compile-model), a comma-separated list of them, or all: every "
+                        "candidate plan side by side")
     m.add_argument("--run-samples", type=int, default=50_000,
                    help="the sampling run the plan is chosen for, in samples (default 50,000: FID's)")
     m.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
@@ -134,7 +136,8 @@ def _setup(args):
     plan = getattr(args, "plan", "auto")
     if plan not in ("auto", "all"):
         from dits.plan import check_plan_name
-        check_plan_name(plan)
+        for name in plan.split(","):  # a list: those plans side by side (a same-run A/B)
+            check_plan_name(name.strip())
     for k in ("sampler", "sample_steps", "cfg_scale", "grad_checkpoint", "run_samples"):
         if hasattr(args, k):
             extra[k] = getattr(args, k)
