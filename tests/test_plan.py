@@ -432,7 +432,7 @@ def test_bench_plan_list_times_the_named_plans_side_by_side(capsys, tmp_path, mo
     assert code == 0, io.err
     assert "\ndits eager+math " in io.out and "\ndits eager+sdpa " in io.out, io.out
     for bad, why in (("eager+math,warp", "unknown plan"), ("eager+math,eager+math", "distinct plans"),
-                     ("eager+math,auto", "distinct plans")):
+                     ("eager+math,auto", "distinct plans"), ("eager+math,math+eager", "distinct plans")):
         code = main(["bench", "train", *BENCH, "--steps", "1", "--plan", bad, "--compile", "off", "--precision", "bf16"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and why in err[0], (bad, err)

@@ -317,6 +317,20 @@ def _contender_specs(kind: str, s: Setup, official: str | None, extra_paths, att
     return specs
 
 
+def plan_names(plan: str) -> list[str]:
+    """A forced --plan value as its plan names: one, or a comma-separated list of distinct plans
+    (each its own contender: a same-run A/B); a bad name is one line (UserError)."""
+    from dits.plan import Plan, check_plan_name
+
+    names = [p.strip() for p in plan.split(",")]
+    for name in names:
+        check_plan_name(name)
+    if len(names) > 1 and ("auto" in names or "all" in names
+                           or len({Plan.parse(n).name for n in names}) < len(names)):
+        raise UserError(f"--plan {plan}: a list names distinct plans (not auto or all)")
+    return names
+
+
 def _plans_for(s: Setup, plan: str, attention: str) -> list[str]:
     """The --plan values of the dits contender(s): one, a comma-separated list (each its own
     contender: a same-run A/B), or every candidate with --plan all."""
@@ -330,10 +344,7 @@ def _plans_for(s: Setup, plan: str, attention: str) -> list[str]:
             raise UserError("--attention and --plan both choose the attention kernel; give one of them")
         base = rules_plan(device, s.precision, s.compile, s.run_steps)
         return [Plan(base.mode, base.gemm, attention).name]
-    names = [p.strip() for p in plan.split(",")]
-    if len(names) > 1 and ("auto" in names or "all" in names or len(set(names)) < len(names)):
-        raise UserError(f"--plan {plan}: a list names distinct plans (not auto or all)")
-    return names
+    return plan_names(plan)
 
 
 def _run(kind: str, s: Setup, official, extra_paths, rounds, per_round, warmup, attention, progress, clock,

@@ -135,9 +135,8 @@ def _setup(args):
     extra = dict(precision=args.precision, compile=args.compile, device=args.device)
     plan = getattr(args, "plan", "auto")
     if plan not in ("auto", "all"):
-        from dits.plan import check_plan_name
-        for name in plan.split(","):  # a list: those plans side by side (a same-run A/B)
-            check_plan_name(name.strip())
+        from dits.bench.speed import plan_names
+        plan_names(plan)  # checked before any work
     for k in ("sampler", "sample_steps", "cfg_scale", "grad_checkpoint", "run_samples"):
         if hasattr(args, k):
             extra[k] = getattr(args, k)
