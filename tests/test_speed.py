@@ -505,3 +505,19 @@ def test_model_inference_equals_the_training_path():
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(fast.double(), ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(slow.detach().double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_mfu_divides_by_the_higher_of_the_peaks_measured_before_and_after(capsys, monkeypatch):
+    """A matmul burst timed while the machine is busy reads low; MFU against it would exceed 100 %.
+    The bench measures the peak before the contenders and again after them and divides by the higher."""
+    import re
+
+    from dits.bench import speed as bench_speed
+
+    peaks = iter([1e9, 1e18])  # 1 GFLOP/s "under load" before, then the machine's (absurdly high) own
+    monkeypatch.setattr(bench_speed, "peak_for", lambda s, clock: next(peaks))
+    code, io = run_cli(capsys, "bench", "train", *BENCH, "--steps", "1", "--rounds", "1")
+    assert code == 0, io.err
+    assert "matmul peak measured in this run: 1000000000 GFLOP/s" in io.out, io.out
+    mfu = re.findall(r" ([0-9.]+)% ", io.out)
+    assert mfu and all(float(m) < 0.1 for m in mfu), io.out
