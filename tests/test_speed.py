@@ -521,3 +521,21 @@ def test_mfu_divides_by_the_higher_of_the_peaks_measured_before_and_after(capsys
     assert "matmul peak measured in this run: 1000000000 GFLOP/s" in io.out, io.out
     mfu = re.findall(r" ([0-9.]+)% ", io.out)
     assert mfu and all(float(m) < 0.1 for m in mfu), io.out
+
+
+def test_the_speed_up_line_gives_the_ratio_round_by_round_too():
+    """Ratio of medians, then the per-round ratios' median and range (a load that drifts between
+    rounds moves both contenders of a round alike). Hand-made timings: rounds 1.5x, 1.0x, 3.0x."""
+    from types import SimpleNamespace
+
+    from dits.bench.speed import Timing, report
+
+    mine = Timing("dits (fp32, eager)", seconds=[1.0, 2.0, 1.0])
+    theirs = Timing("official (timm math attn)", seconds=[1.5, 2.0, 3.0])
+    out = report([mine, theirs], SimpleNamespace(device="cpu", precision="fp32"), 1e9, 8, 1e12, "ms/step")
+    line = [r for r in out.splitlines() if r.startswith("speed-up of")]
+    assert line == ["speed-up of dits (fp32, eager) over official (timm math attn): 2.00x "
+                    "(round by round: median 1.50x, 1.00-3.00x over 3 rounds)"], out
+    one = report([Timing("dits", seconds=[1.0]), Timing("official", seconds=[2.0])],
+                 SimpleNamespace(device="cpu", precision="fp32"), 1e9, 8, 1e12, "ms/step")
+    assert "speed-up of dits over official: 2.00x\n" in one + "\n" and "round by round" not in one, one

@@ -278,7 +278,7 @@ def report(timings: list[Timing], s: Setup, work_flops: float, images: int, peak
     if official:
         top = min(official, key=lambda t: t.median)
         for t in mine:
-            rows.append(f"speed-up of {t.name[:w]} over {top.name}: {top.median / t.median:.2f}x")
+            rows.append(f"speed-up of {t.name[:w]} over {top.name}: {top.median / t.median:.2f}x{_per_round(t, top)}")
     for t in timings:
         if t.note:
             rows.append(f"{t.name}: {t.note}")
@@ -290,6 +290,16 @@ def report(timings: list[Timing], s: Setup, work_flops: float, images: int, peak
     if how:
         rows.append(how)
     return "\n".join(rows)
+
+
+def _per_round(mine: Timing, theirs: Timing) -> str:
+    """The ratio round by round (the two contenders ran minutes apart at most within a round):
+    on a machine whose load drifts, the median of these moves less than the ratio of medians."""
+    ratios = sorted(a / b for a, b in zip(theirs.seconds, mine.seconds))
+    if len(ratios) < 2:
+        return ""
+    return (f" (round by round: median {statistics.median(ratios):.2f}x, "
+            f"{ratios[0]:.2f}-{ratios[-1]:.2f}x over {len(ratios)} rounds)")
 
 
 def peak_for(s: Setup, clock: str) -> float:
