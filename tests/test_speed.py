@@ -543,3 +543,31 @@ def test_the_speed_up_line_gives_the_ratio_round_by_round_too():
     one = report([Timing("dits", seconds=[1.0]), Timing("official", seconds=[2.0])],
                  SimpleNamespace(device="cpu", precision="fp32"), 1e9, 8, 1e12, "ms/step")
     assert "speed-up of dits over official: 2.00x\n" in one + "\n" and "round by round" not in one, one
+
+
+@pytest.mark.skipif(not speed.onednn_in_graph() or speed.compiler_missing(torch.device("cpu")) is not None,
+                    reason="needs oneDNN's linear as a graph op and a C++ compiler for torch.compile")
+def test_the_graph_ops_gradients_are_the_closed_form_in_both_weight_gradient_orientations():
+    """Inside a compiled graph the weight gradient gradᵀx is taken either as (gradᵀ)(xᵀ)ᵀ or as the
+    transpose of (xᵀ)(gradᵀ)ᵀ, whichever moves fewer elements; both layers below take a different
+    one. For loss = Σ y ⊙ r: dx = r W, dW = rᵀ x, db = Σ r, checked in float64."""
+    op = speed._onednn_graph_op()
+    shapes = [(64, 8, 32), (6, 16, 48)]  # (tokens, in, out)
+    transposes_x = [m * n_out > m * n_in + n_in * n_out for m, n_in, n_out in shapes]
+    assert transposes_x == [True, False]  # one layer per orientation
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(m, i, generator=g, requires_grad=True) for m, i, _ in shapes]
+    ws = [torch.randn(o, i, generator=g, requires_grad=True) for _, i, o in shapes]
+    bs = [torch.randn(o, generator=g, requires_grad=True) for *_, o in shapes]
+    rs = [torch.randn(m, o, generator=g) for m, _, o in shapes]
+
+    @torch.compile(dynamic=False)
+    def loss(xs, ws, bs):
+        return sum((op(x, w, b) * r).sum() for x, w, b, r in zip(xs, ws, bs, rs))
+    loss(xs, ws, bs).backward()
+    for x, w, b, r in zip(xs, ws, bs, rs):
+        r64 = r.double()
+        torch.testing.assert_close(x.grad.double(), r64 @ w.detach().double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.grad.double(), r64.t() @ x.detach().double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.grad.double(), r64.sum(0), rtol=1e-5, atol=1e-5)
+        assert w.grad.is_contiguous()

@@ -30,7 +30,7 @@ _forced_attention = "auto"
 # Forced GEMM backend of `linear` ("auto": oneDNN in eager code, the compiler's own GEMMs inside
 # torch.compile; "onednn": oneDNN there too, through the graph op; "mkl": always F.linear).
 _forced_gemm = "auto"
-_graph_op = None  # dits::onednn_linear once registered (_onednn_graph_op), by set_gemm("onednn")
+_graph_op = None  # dits::onednn_linear_v2 once registered (_onednn_graph_op), by set_gemm("onednn")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -173,31 +173,39 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return _onednn(x.t(), grad.t(), None).t()                            # (xᵀ grad)ᵀ
 
 
+def _graph_weight_grad(onednn_linear, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """gradᵀ x (the weight gradient, out x in) inside a compiled graph, on oneDNN. oneDNN takes its
+    second operand in any layout but copies a transposed first one with aten's transpose, ~4x
+    slower than the tiled transpose inductor generates. So every transpose is written here, in the
+    graph, and the op gets a contiguous first operand: gradᵀ (M x out elements moved), or xᵀ and
+    the result's transpose (M x in + in x out), whichever moves less. DiT-S/2 fp32, compile-blocks:
+    ~3 % of the step (docs/performance.md, eleventh session)."""
+    m, n_in, n_out = x.shape[0], x.shape[1], grad.shape[1]
+    if m * n_out <= m * n_in + n_in * n_out:
+        return onednn_linear(grad.t().contiguous(), x.t(), None)                 # (gradᵀ)(xᵀ)ᵀ
+    return onednn_linear(x.t().contiguous(), grad.t(), None).t().contiguous()    # ((xᵀ)(gradᵀ)ᵀ)ᵀ
+
+
 @functools.lru_cache(maxsize=None)
 def _onednn_graph_op():
-    """oneDNN's linear as a custom op (``dits::onednn_linear``) that torch.compile keeps as one
-    opaque call, with its backward (input and weight gradients) on oneDNN too; None where this torch
+    """oneDNN's linear as a custom op (``dits::onednn_linear_v2``) that torch.compile keeps as one
+    opaque call, with its backward (input and weight gradients) on oneDNN too (the transposes
+    around them left to the graph, :func:`_graph_weight_grad`); None where this torch
     has no ``torch.library.custom_op`` (< 2.4). Inside a compiled graph a plain F.linear becomes
     inductor's GEMM call (MKL on x86); this is how a compiled plan keeps oneDNN's GEMMs (``+onednn``
     in a compiled plan's name), which on some CPUs run at twice MKL's fp32 rate."""
     if not hasattr(torch.library, "custom_op"):
         return None
 
-    @torch.library.custom_op("dits::onednn_linear", mutates_args=())
+    # The name's version changes with the backward: torch.compile's on-disk caches key a graph by
+    # the ops it calls, not by the code of their registered backward (v2: _graph_weight_grad).
+    @torch.library.custom_op("dits::onednn_linear_v2", mutates_args=())
     def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _onednn(x.contiguous(), weight, bias)
 
     @onednn_linear.register_fake
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
-
-    @torch.library.custom_op("dits::onednn_weight_grad", mutates_args=())
-    def onednn_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return _weight_grad(x.contiguous(), grad.contiguous()).contiguous()
-
-    @onednn_weight_grad.register_fake
-    def _(x, grad):
-        return x.new_empty(grad.shape[1], x.shape[1])
 
     def setup_context(ctx, inputs, output):
         x, weight, bias = inputs
@@ -207,7 +215,7 @@ def _onednn_graph_op():
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         gx = onednn_linear(grad, weight.t().contiguous(), None)           # grad @ W
-        gw = onednn_weight_grad(x, grad)
+        gw = _graph_weight_grad(onednn_linear, x, grad)
         gb = grad.sum(0) if ctx.has_bias else None
         return gx, gw, gb
 
