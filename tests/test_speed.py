@@ -553,7 +553,7 @@ def test_the_graph_ops_gradients_are_the_closed_form_in_both_weight_gradient_ori
     one. For loss = Σ y ⊙ r: dx = r W, dW = rᵀ x, db = Σ r, checked in float64."""
     op = speed._onednn_graph_op()
     shapes = [(64, 8, 32), (6, 16, 48)]  # (tokens, in, out)
-    transposes_x = [m * n_out > m * n_in + n_in * n_out for m, n_in, n_out in shapes]
+    transposes_x = [not m * n_out < m * n_in + n_in * n_out for m, n_in, n_out in shapes]
     assert transposes_x == [True, False]  # one layer per orientation
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(m, i, generator=g, requires_grad=True) for m, i, _ in shapes]

@@ -164,33 +164,28 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """gradᵀ x on oneDNN. Its first operand is copied to a contiguous block when it is a
-    transposed view, so the narrower of x and grad is the one transposed: for the MLP's second
-    linear (512 -> 128 at the digits' width) that halves the weight-gradient GEMM's time."""
-    if x.shape[1] > grad.shape[1]:
-        return _onednn(grad.t().contiguous(), x.t(), None)               # gradᵀ (xᵀ)ᵀ
-    return _onednn(x.t(), grad.t(), None).t()                            # (xᵀ grad)ᵀ
-
-
-def _graph_weight_grad(onednn_linear, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """gradᵀ x (the weight gradient, out x in) inside a compiled graph, on oneDNN. oneDNN takes its
-    second operand in any layout but copies a transposed first one with aten's transpose, ~4x
-    slower than the tiled transpose inductor generates. So every transpose is written here, in the
-    graph, and the op gets a contiguous first operand: gradᵀ (M x out elements moved), or xᵀ and
-    the result's transpose (M x in + in x out), whichever moves less. DiT-S/2 fp32, compile-blocks:
-    ~3 % of the step (docs/performance.md, eleventh session)."""
+def _weight_grad(x: torch.Tensor, grad: torch.Tensor, linear=_onednn, in_graph: bool = False) -> torch.Tensor:
+    """gradᵀ x (out x in) on oneDNN, as ``linear(a, b)`` = a bᵀ. oneDNN takes ``b`` in any layout
+    but copies a transposed ``a`` first, so ``a`` is the operand whose transpose moves fewer
+    elements: gradᵀ (M x out), or xᵀ (M x in) and then the result's transpose. Eager code returns
+    that transpose as a view, for free: the narrower of x and grad is the one copied (for the MLP's
+    second linear, 512 -> 128 at the digits' width, that halves the weight-gradient GEMM's time).
+    In a compiled graph (``in_graph``, ``linear`` the graph op) the copies are graph ops, tiled by
+    inductor (~4x faster than the aten transpose oneDNN would make), and the result is made
+    contiguous too, so its in x out elements count (DiT-S/2 fp32: ~3 % of the step; docs/performance.md,
+    eleventh session)."""
     m, n_in, n_out = x.shape[0], x.shape[1], grad.shape[1]
-    if m * n_out <= m * n_in + n_in * n_out:
-        return onednn_linear(grad.t().contiguous(), x.t(), None)                 # (gradᵀ)(xᵀ)ᵀ
-    return onednn_linear(x.t().contiguous(), grad.t(), None).t().contiguous()    # ((xᵀ)(gradᵀ)ᵀ)ᵀ
+    if m * n_out < m * n_in + (n_in * n_out if in_graph else 0):
+        return linear(grad.t().contiguous(), x.t(), None)                      # (gradᵀ)(xᵀ)ᵀ
+    gw = linear(x.t().contiguous(), grad.t(), None).t()                        # ((xᵀ)(gradᵀ)ᵀ)ᵀ
+    return gw.contiguous() if in_graph else gw
 
 
 @functools.lru_cache(maxsize=None)
 def _onednn_graph_op():
     """oneDNN's linear as a custom op (``dits::onednn_linear_v2``) that torch.compile keeps as one
     opaque call, with its backward (input and weight gradients) on oneDNN too (the transposes
-    around them left to the graph, :func:`_graph_weight_grad`); None where this torch
+    around them left to the graph, :func:`_weight_grad`); None where this torch
     has no ``torch.library.custom_op`` (< 2.4). Inside a compiled graph a plain F.linear becomes
     inductor's GEMM call (MKL on x86); this is how a compiled plan keeps oneDNN's GEMMs (``+onednn``
     in a compiled plan's name), which on some CPUs run at twice MKL's fp32 rate."""
@@ -198,7 +193,7 @@ def _onednn_graph_op():
         return None
 
     # The name's version changes with the backward: torch.compile's on-disk caches key a graph by
-    # the ops it calls, not by the code of their registered backward (v2: _graph_weight_grad).
+    # the ops it calls, not by the code of their registered backward (v2: the graph's _weight_grad).
     @torch.library.custom_op("dits::onednn_linear_v2", mutates_args=())
     def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _onednn(x.contiguous(), weight, bias)
@@ -215,7 +210,7 @@ def _onednn_graph_op():
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         gx = onednn_linear(grad, weight.t().contiguous(), None)           # grad @ W
-        gw = _graph_weight_grad(onednn_linear, x, grad)
+        gw = _weight_grad(x, grad, onednn_linear, in_graph=True)
         gb = grad.sum(0) if ctx.has_bias else None
         return gx, gw, gb
 
