@@ -2,6 +2,7 @@
 optimiser, activation checkpointing, compile choices, and the `dits bench` commands."""
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -571,3 +572,40 @@ def test_the_graph_ops_gradients_are_the_closed_form_in_both_weight_gradient_ori
         torch.testing.assert_close(w.grad.double(), r64.t() @ x.detach().double(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.grad.double(), r64.sum(0), rtol=1e-5, atol=1e-5)
         assert w.grad.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- host memory
+_FAULTS = r"""
+import os, resource, sys, torch
+from dits.speed import setup_device
+setup_device(torch.device("cpu"))
+from dits.speed import retain_host_memory
+def step():  # a step's worth of large tensors, allocated, written and freed
+    xs = [torch.ones(n) for n in (1 << 18, 3 << 20, 1 << 24)]  # 1, 12 and 64 MiB
+    del xs
+for _ in range(3):
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(retain_host_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "confstr")
+                    or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""), reason="glibc's malloc only")
+def test_a_cpu_run_reuses_freed_tensor_memory_without_page_faults_unless_told_not_to():
+    """The steady state of a CPU step touches no new page (each would be a fault: 3-10 us in a VM);
+    DITS_RETAIN_MEMORY=0 leaves malloc as it was, which faults on every large tensor again."""
+    import subprocess
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    on, faults_on = run()
+    off, faults_off = run(DITS_RETAIN_MEMORY="0")
+    pages = 10 * ((1 << 18) + (3 << 20) + (1 << 24)) * 4 // 4096
+    assert on and faults_on < pages // 100, (faults_on, pages)
+    assert not off and faults_off > pages // 2, (faults_off, pages)  # the default malloc: faults each time

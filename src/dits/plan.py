@@ -50,8 +50,10 @@ from dits.errors import UserError
 MODES = ("eager", "compile-blocks", "compile-model")
 GEMMS = ("onednn", "mkl")
 ATTENTIONS = ("sdpa", "math")
-FORMAT = 2                 # of the cache entries; a change makes old entries invalid
-                           # (2: a compiled +onednn plan runs oneDNN in the graph; in 1 it ran MKL there)
+FORMAT = 3                 # of the cache entries; a change makes old entries invalid
+                           # (2: a compiled +onednn plan runs oneDNN in the graph; in 1 it ran MKL there;
+                           # 3: timed with freed CPU memory kept in the process, dits.speed.retain_host_memory,
+                           # which speeds some plans far more than others)
 
 # The probe. Every candidate costs about WARMUP + TIMED steps (plus a compile); a run shorter than
 # MIN_PROBE_STEPS would spend a noticeable share of itself measuring (4 eager candidates x ~10

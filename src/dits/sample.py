@@ -64,12 +64,14 @@ def generate(model, n: int, *, labels: torch.Tensor | None = None, sampler: str 
     """
     from dits.objectives import check_sampler, sample as objective_sample
     from dits.diffusion.guidance import parse_interval
+    from dits.speed import setup_device
 
     check_sampler(objective, sampler)
     guidance_interval = parse_interval(guidance_interval)
 
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    setup_device(device)
     text_model = bool(getattr(getattr(model, "config", None), "text", False))
     if prompts is not None or text_model:
         from dits.text.prompts import PromptConditioned
