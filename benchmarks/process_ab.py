@@ -21,13 +21,18 @@ import torch
 
 from dits.bench.isolated import Worker
 from dits.bench.speed import Setup, _contender_specs
+from dits.cli.bench import _setup, register
+
+
+SHAPES = {"s2": ["--model", "DiT-S/2", "--image-size", "32", "--channels", "3", "--batch", "8"],  # as bench_speed.sh
+          "digits": ["--preset", "digits"]}
 
 
 def setup(a) -> Setup:
-    if a.shape == "s2":
-        return Setup(model="DiT-S/2", depth=None, hidden_size=None, num_heads=None, patch_size=None, input_size=32,
-                     in_channels=3, num_classes=1000, batch=8, precision=a.precision)
-    return Setup(precision=a.precision, run_steps=4000)
+    """The Setup `dits bench train` builds for the same flags (its parser and its _setup: one way to say a shape)."""
+    root = argparse.ArgumentParser()
+    register(root.add_subparsers(dest="command"))
+    return _setup(root.parse_args(["bench", "train", *SHAPES[a.shape], "--precision", a.precision]))
 
 
 def timed(w: Worker, steps: int) -> tuple[float, float, float]:
