@@ -77,6 +77,23 @@ def test_init_adaln_zero_blocks_are_identity_and_output_is_zero():
     assert torch.count_nonzero(out) == 0
 
 
+def test_patch_embedding_tokens_are_the_conv_in_token_order_and_contiguous():
+    """Token (row r, col c) of image i is the stride-p conv's output at (r, c); the tokens are
+    laid out row after row (contiguous), so the residual stream every block adds to is too
+    (a strided view here made every LayerNorm and residual kernel downstream read across strides)."""
+    m = tiny()
+    x = torch.randn(2, 3, 8, 8)
+    tokens = m.x_embedder(x)
+    w, b = m.x_embedder.proj.weight, m.x_embedder.proj.bias
+    # (N, C, R, p, C', p) -> (N, R, C', C, p, p): each patch flattened as the conv weight is
+    patches = x.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 3 * 2 * 2)
+    expected = patches.double() @ w.reshape(w.shape[0], -1).double().T + b.double()
+    assert tokens.shape == (2, 16, w.shape[0])
+    assert torch.allclose(tokens.double(), expected, atol=1e-5)
+    assert tokens.is_contiguous()
+    assert (m.x_embedder(x) + m.pos_embed).is_contiguous()
+
+
 def test_patchify_unpatchify_round_trip():
     m = tiny(learn_sigma=False)
     x = torch.randn(2, 3, 8, 8)

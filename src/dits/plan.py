@@ -50,10 +50,12 @@ from dits.errors import UserError
 MODES = ("eager", "compile-blocks", "compile-model")
 GEMMS = ("onednn", "mkl")
 ATTENTIONS = ("sdpa", "math")
-FORMAT = 3                 # of the cache entries; a change makes old entries invalid
+FORMAT = 4                 # of the cache entries; a change makes old entries invalid
                            # (2: a compiled +onednn plan runs oneDNN in the graph; in 1 it ran MKL there;
                            # 3: timed with freed CPU memory kept in the process, dits.speed.retain_host_memory,
-                           # which speeds some plans far more than others)
+                           # which speeds some plans far more than others;
+                           # 4: the patch embedding's tokens made contiguous, which sped the whole-model
+                           # compile of DiT-S/2 bf16 by ~4 % and left the per-block compile as it was)
 
 # The probe. Every candidate costs about WARMUP + TIMED steps (plus a compile); a run shorter than
 # MIN_PROBE_STEPS would spend a noticeable share of itself measuring (4 eager candidates x ~10
