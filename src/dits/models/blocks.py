@@ -57,8 +57,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         n, t, d = x.shape
-        # (N, T, 3, H, d/H) -> three (N, H, T, d/H): the order of the reference's weights.
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        # (N, T, 3, H, d/H) -> three (N, H, T, d/H): the order of the reference's weights. unbind, not
+        # tuple-unpacking: its gradient is one stack of dq, dk, dv (unpacking traces three selects, whose
+        # summed gradients the compiler writes as a blend reading all three for each of q, k and v).
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:  # --pos rope: rotate q and k by each token's (row, column) angles
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if key_mask is None:
@@ -82,7 +84,7 @@ class CrossAttention(nn.Module):
         n, t, d = x.shape
         h = self.num_heads
         q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).reshape(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(context).reshape(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
         x = attention(q, k, v) if key_mask is None else masked_attention(q, k, v, key_mask)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
