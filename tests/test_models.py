@@ -85,8 +85,8 @@ def test_patch_embedding_tokens_are_the_conv_in_token_order_and_contiguous():
     x = torch.randn(2, 3, 8, 8)
     tokens = m.x_embedder(x)
     w, b = m.x_embedder.proj.weight, m.x_embedder.proj.bias
-    # (N, C, R, p, C', p) -> (N, R, C', C, p, p): each patch flattened as the conv weight is
-    patches = x.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 3 * 2 * 2)
+    # patchify's (p, p, C) patches reordered to (C, p, p), the order of the conv weight's flattening
+    patches = m.patchify(x).reshape(2, 16, 2, 2, 3).permute(0, 1, 4, 2, 3).reshape(2, 16, 3 * 2 * 2)
     expected = patches.double() @ w.reshape(w.shape[0], -1).double().T + b.double()
     assert tokens.shape == (2, 16, w.shape[0])
     assert torch.allclose(tokens.double(), expected, atol=1e-5)
