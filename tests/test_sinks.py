@@ -154,7 +154,9 @@ def test_log_may_be_added_on_resume_and_overwrite_clears_it(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- W&B (offline)
 def wandb_runs(run_dir):
-    return sorted((run_dir / "wandb").glob("offline-run-*"))
+    # W&B names a run's folder offline-run-<second>-<id>, and adds "-1", "-2" when a resume lands in the same
+    # second as the run before it (a fast machine): the id is read from the record file, not the folder's name
+    return sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda d: (d.name.split("-")[2], d.name))
 
 
 def test_wandb_offline_run_and_resume(tmp_path, offline_wandb):
@@ -163,7 +165,7 @@ def test_wandb_offline_run_and_resume(tmp_path, offline_wandb):
     meta = json.loads((run / "wandb_run.json").read_text())
     assert meta["project"] == "dits" and meta["id"]
     dirs = wandb_runs(run)
-    assert len(dirs) == 1 and dirs[0].name.endswith("-" + meta["id"])
+    assert len(dirs) == 1 and (dirs[0] / f"run-{meta['id']}.wandb").is_file()
     record = (dirs[0] / f"run-{meta['id']}.wandb").read_bytes()
     for name in (b"train/loss", b"train/grad_norm", b"train/steps_per_s", b"hidden_size"):
         assert name in record, name
@@ -172,7 +174,7 @@ def test_wandb_offline_run_and_resume(tmp_path, offline_wandb):
     assert resume_cli(run, 6) == 0  # no --log typed: the run's own, and the same W&B run
     assert json.loads((run / "wandb_run.json").read_text()) == meta
     dirs = wandb_runs(run)
-    assert len(dirs) == 2 and all(d.name.endswith("-" + meta["id"]) for d in dirs)
+    assert len(dirs) == 2 and all((d / f"run-{meta['id']}.wandb").is_file() for d in dirs)
     assert b"train/loss" in (dirs[1] / f"run-{meta['id']}.wandb").read_bytes()
     assert list((dirs[1] / "files" / "media" / "images").glob("samples_6_*.png"))
 
