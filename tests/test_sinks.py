@@ -154,9 +154,10 @@ def test_log_may_be_added_on_resume_and_overwrite_clears_it(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- W&B (offline)
 def wandb_runs(run_dir):
-    # W&B names a run's folder offline-run-<second>-<id>, and adds "-1", "-2" when a resume lands in the same
-    # second as the run before it (a fast machine): the id is read from the record file, not the folder's name
-    return sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda d: (d.name.split("-")[2], d.name))
+    # W&B names a run's folder offline-run-<%Y%m%d_%H%M%S>-<id>, and adds "-1" when a resume lands in the same
+    # second as the run before it (a fast machine): the id is read from the record file, not the folder's name.
+    # Name order is start order (a fixed-width stamp; "-<id>" sorts before "-<id>-1")
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
 def test_wandb_offline_run_and_resume(tmp_path, offline_wandb):
