@@ -236,7 +236,35 @@ def test_the_rules_compiled_plans_keep_the_compilers_gemms():
     rules = P.rules_plan(CPU, "fp32", "on", 10 ** 6)
     assert rules.mode == "compile-model" and rules.gemm == "mkl"
     assert P.rules_plan(CPU, "fp32", "off", 10 ** 6).gemm == P.rule_gemm(CPU, "fp32")
-    assert P.rules_plan(CPU, "bf16", "on", 10 ** 6).gemm is None
+    # half precision: the half-GEMM rule (widen on a CPU without half arithmetic), never "mkl"
+    assert P.rules_plan(CPU, "bf16", "on", 10 ** 6).gemm == P.rule_gemm(CPU, "bf16") in ("widen", None)
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_half_precision_candidates_widen_or_not_as_the_cpu_measures(monkeypatch, slow):
+    monkeypatch.setitem(speed._HALF_SLOW, torch.bfloat16, slow)
+    rule = "widen" if slow else None
+    assert P.rule_gemm(CPU, "bf16") == rule and P.rules_plan(CPU, "bf16", "auto", 4000).gemm == rule
+    eager = P.eager_candidates(CPU, "bf16")
+    assert [p.gemm for p in eager] == [rule, rule, "native" if slow else "widen", "native" if slow else "widen"]
+    # the eager probe settles the half GEMMs: a compiled plan is not tried with the other one
+    assert P.other_gemm(P.Plan("compile-model", "widen", "math")) is None
+    assert all(p.gemm == rule for p in P.all_candidates(CPU, "bf16") if p.compile)
+    assert "half-precision" in P.runnable(P.Plan("eager", "widen"), CPU, "fp32")
+    assert P.runnable(P.Plan("eager", "widen"), CPU, "bf16") is None
+
+
+def test_a_compiled_plan_charged_cold_is_charged_warm_once_a_rival_charged_warm_beats_it(monkeypatch, tmp_path):
+    # the Zen 3's digits fp32 probe (19th session): compile-model+mkl (58.9 ms/step + 28 s cold) won
+    # cold when measured, then compile-model+onednn (65.3 ms + 27 s cold) lost by its compile and was
+    # charged its warm one (0.9 s), 262 s against 264 s; the mkl plan, 236 s warm, is the faster run
+    costs = {A.name: 0.080, B.name: 0.0757, MODEL.name: 0.0589, MODEL_M.name: 0.070, MODEL_O.name: 0.0653}
+    cold = {MODEL.name: 28.0, MODEL_M.name: 28.0, MODEL_O.name: 27.0}
+    warm = {MODEL.name: 1.0, MODEL_O.name: 0.9}
+    choice, made = _choose(monkeypatch, tmp_path, 4000, costs, cold, compiled=[MODEL], recompile_s=warm)
+    assert choice.plan == MODEL, choice.line
+    assert made.count(MODEL.name) == 2 and made.count(MODEL_O.name) == 2 and made.count(MODEL_M.name) == 1, made
+    assert choice.line.startswith("plan compile-model+mkl+sdpa, 58.9 ms/step + 1.0 s (28 s cold) compile"), choice.line
 
 
 def test_unwritable_cache_warns_in_one_line_and_runs_without_caching(monkeypatch, tmp_path, capsys):
@@ -327,6 +355,7 @@ def test_a_forced_plan_is_honoured(monkeypatch, tmp_path, capsys):
     (["--plan", "fastest"], "unknown plan 'fastest'"),
     (["--plan", "compile-model"], "needs torch.compile, but no C++ compiler"),
     (["--plan", "eager+onednn", "--precision", "bf16"], "fp32 only"),
+    (["--plan", "eager+widen"], "half-precision GEMMs (this run is fp32"),
     (["--plan", "eager+onednn", "NO_ONEDNN"], "no oneDNN linear kernel"),
     (["--plan", "compile-blocks", "--compile", "off"], "contradicts --compile off"),
 ])
@@ -458,12 +487,12 @@ def test_bench_plan_all_times_every_candidate_in_its_own_process(capsys, tmp_pat
     from test_speed import BENCH
 
     monkeypatch.setenv("DITS_CACHE", str(tmp_path / "cache"))
-    # bf16: two eager candidates (attention sdpa / math; no GEMM choice under autocast), two processes
+    # bf16: four eager candidates (half GEMMs widened or native x attention sdpa / math), four processes
     code = main(["bench", "train", *BENCH, "--steps", "1", "--plan", "all", "--compile", "off", "--precision", "bf16",
                  "--torch-info"])
     io = capsys.readouterr()
     assert code == 0, io.err
-    assert len(P.eager_candidates(CPU, "bf16")) == 2
+    assert len(P.eager_candidates(CPU, "bf16")) == 4
     for plan in P.eager_candidates(CPU, "bf16"):
         assert f"\ndits {plan.name} " in io.out, io.out
     for word in ("device: ", "torch " + torch.__version__, "oneDNN", "matmul peaks", "each contender timed alone"):

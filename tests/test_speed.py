@@ -609,3 +609,48 @@ def test_a_cpu_run_reuses_freed_tensor_memory_without_page_faults_unless_told_no
     pages = 10 * ((1 << 18) + (3 << 20) + (1 << 24)) * 4 // 4096
     assert on and faults_on < pages // 100, (faults_on, pages)
     assert not off and faults_off > pages // 2, (faults_off, pages)  # the default malloc: faults each time
+
+
+# ------------------------------------------------------------------ half-precision GEMMs widened to fp32
+@pytest.mark.parametrize("gelu", [False, True])
+def test_widened_half_gemms_round_where_the_native_ones_do(gelu):
+    """bf16 autocast: a GEMM rounds its operands to bf16, multiplies exactly, accumulates in fp32
+    and rounds its output (and its gradients) to bf16. The widened path (fp32 kernels on the
+    rounded operands) must do the same: outputs within one bf16 step of the float64 product of the
+    rounded operands, every gradient of a bf16 GEMM bf16-representable, native and widened within
+    one bf16 step of each other."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((2, 24, 64), (48, 64), (48,)))
+    exact = x.bfloat16().double() @ w.bfloat16().double().t() + b.bfloat16().double()
+    out = {}
+    for gemm in ("widen", "native"):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        with speed.forced(gemm=gemm), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = speed.linear(xs, ws, bs, gelu=gelu)
+            q, k = y[..., :16].reshape(2, 1, 24, 16), y[..., 16:32].reshape(2, 1, 24, 16)
+            a = speed.math_attention(q, k, y[..., 32:].reshape(2, 1, 24, 16))
+        assert y.dtype == torch.bfloat16 and a.dtype == torch.bfloat16
+        if not gelu:  # one rounding of the exact product (fp32 accumulation adds ~1e-6 relative)
+            step = exact.abs() * 2.0 ** -8 + 1e-5
+            assert ((y.double() - exact).abs() <= step).all(), gemm
+        (y.float().square().sum() + a.float().sum()).backward()
+        for grad in (xs.grad, ws.grad):  # each is a bf16 GEMM's output, cast to the fp32 leaf
+            assert torch.equal(grad, grad.bfloat16().float()), gemm
+        out[gemm] = (y.double(), a.double(), xs.grad.double(), ws.grad.double())
+    for wide, native in zip(out["widen"], out["native"]):
+        scale = native.abs().max()
+        torch.testing.assert_close(wide / scale, native / scale, rtol=0, atol=2.0 ** -6)
+
+
+def test_half_gemms_slow_is_timed_once_and_only_auto_and_widen_widen(monkeypatch):
+    speed._HALF_SLOW.pop(torch.bfloat16, None)
+    slow = speed.half_gemms_slow(torch.bfloat16)
+    assert isinstance(slow, bool) and speed._HALF_SLOW[torch.bfloat16] is slow
+    x = torch.ones(2, 2)
+    for gemm, slow_here, widened in (("auto", True, True), ("auto", False, False), ("widen", False, True),
+                                     ("native", True, False), ("mkl", True, False)):
+        monkeypatch.setitem(speed._HALF_SLOW, torch.bfloat16, slow_here)
+        with speed.forced(gemm=gemm):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert (speed.widened_dtype(x) == torch.bfloat16) is widened, (gemm, slow_here)
+            assert speed.widened_dtype(x) is None  # fp32, outside autocast: never

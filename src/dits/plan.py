@@ -5,8 +5,10 @@ function (dits.speed), so a plan changes the speed of a step, never what it comp
 
 - mode: ``eager``, ``compile-blocks`` (each transformer block compiled; the blocks share one
   graph, so it compiles in seconds) or ``compile-model`` (the whole network as one graph);
-- gemm, CPU fp32 only: ``onednn`` (dits.speed's oneDNN linear; inside a compiled graph as one
+- gemm, CPU only: in fp32 ``onednn`` (dits.speed's oneDNN linear; inside a compiled graph as one
   opaque op, forward and backward) or ``mkl`` (``F.linear``; compiled, inductor's own GEMM calls);
+  in bf16/fp16 ``widen`` (fp32 GEMMs on half-rounded operands, the output rounded back: for CPUs
+  without half arithmetic) or ``native`` (autocast's own half kernels);
 - attention, CPU only: ``sdpa`` or ``math`` (two matmuls and a softmax).
 
 A name joins them with "+" (``eager+onednn+sdpa``, ``compile-blocks+math``); a part left out
@@ -50,16 +52,20 @@ import torch
 from dits.errors import UserError
 
 MODES = ("eager", "compile-blocks", "compile-model")
-GEMMS = ("onednn", "mkl")
+FP32_GEMMS = ("onednn", "mkl")
+HALF_GEMMS = ("widen", "native")
+GEMMS = FP32_GEMMS + HALF_GEMMS
 ATTENTIONS = ("sdpa", "math")
-FORMAT = 5                 # of the cache entries; a change makes old entries invalid
+FORMAT = 6                 # of the cache entries; a change makes old entries invalid
                            # (2: a compiled +onednn plan runs oneDNN in the graph; in 1 it ran MKL there;
                            # 3: timed with freed CPU memory kept in the process, dits.speed.retain_host_memory,
                            # which speeds some plans far more than others;
                            # 4: the patch embedding's tokens made contiguous, which sped the whole-model
                            # compile of DiT-S/2 bf16 by ~4 % and left the per-block compile as it was;
                            # 5: a compiled plan that wins by its step but loses by its cold compile is
-                           # compiled once more, warm, and the run is charged that, recompile_s)
+                           # compiled once more, warm, and the run is charged that, recompile_s;
+                           # 6: half-precision plans widen their GEMMs to fp32 where this CPU's half
+                           # GEMMs are slow, +widen / +native)
 
 # The probe. Every candidate costs about WARMUP + TIMED steps (plus a compile); a run shorter than
 # MIN_PROBE_STEPS would spend a noticeable share of itself measuring (4 eager candidates x ~10
@@ -102,7 +108,8 @@ class Plan:
                 attention = p
             else:
                 raise UserError(f"unknown plan {name!r}: a plan is MODE[+GEMM][+ATTENTION] with MODE one of "
-                                f"{', '.join(MODES)}, GEMM {' or '.join(GEMMS)}, ATTENTION {' or '.join(ATTENTIONS)} "
+                                f"{', '.join(MODES)}, GEMM {' or '.join(FP32_GEMMS)} (fp32) or "
+                                f"{' or '.join(HALF_GEMMS)} (bf16/fp16), ATTENTION {' or '.join(ATTENTIONS)} "
                                 "(e.g. eager+onednn+sdpa), or auto")
         if not parts:
             raise UserError("--plan is empty; give auto or a plan name such as eager+onednn+sdpa")
@@ -134,6 +141,8 @@ def runnable(plan: Plan, device: torch.device, precision: str) -> str | None:
             return f"{plan.mode} needs torch.compile, but {missing}"
     if plan.gemm and device.type != "cpu":
         return f"{plan.gemm} is a CPU GEMM backend (this run is on {device})"
+    if plan.gemm in HALF_GEMMS and precision == "fp32":
+        return f"+{plan.gemm} chooses half-precision GEMMs (this run is fp32; use +onednn or +mkl)"
     if plan.gemm == "onednn":
         if precision != "fp32":
             return f"oneDNN's linear runs fp32 only (this run is {precision}; drop +onednn)"
@@ -157,10 +166,15 @@ def rule_attention(device: torch.device, precision: str) -> str | None:
 
 
 def rule_gemm(device: torch.device, precision: str) -> str | None:
-    from dits.speed import onednn_available
+    """fp32 on the CPU: oneDNN where it exists; bf16/fp16 on the CPU: ``widen`` where this CPU's
+    half GEMMs are slow (dits.speed.half_gemms_slow; None, autocast's own kernels, elsewhere)."""
+    from dits.speed import half_gemms_slow, onednn_available
 
-    if device.type != "cpu" or precision != "fp32":
+    if device.type != "cpu":
         return None
+    if precision != "fp32":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return "widen" if half_gemms_slow(dtype) else None
     return "onednn" if onednn_available() else "mkl"
 
 
@@ -173,7 +187,7 @@ def rules_plan(device: torch.device, precision: str, compile_mode: str, steps: i
     what, _ = should_compile(compile_mode, device, steps, precision)
     mode = {None: "eager", "blocks": "compile-blocks", "model": "compile-model"}[what]
     gemm = rule_gemm(device, precision)
-    return Plan(mode, "mkl" if what and gemm else gemm, rule_attention(device, precision))
+    return Plan(mode, "mkl" if what and gemm == "onednn" else gemm, rule_attention(device, precision))
 
 
 def eager_candidates(device: torch.device, precision: str) -> list[Plan]:
@@ -181,7 +195,12 @@ def eager_candidates(device: torch.device, precision: str) -> list[Plan]:
     from dits.speed import onednn_available
 
     g0, a0 = rule_gemm(device, precision), rule_attention(device, precision)
-    gemms = [g0] if g0 is None else [g0, *[g for g in GEMMS if g != g0 and (g != "onednn" or onednn_available())]]
+    if device.type != "cpu":
+        gemms = [g0]
+    elif precision != "fp32":  # the rule's half kernels, and the other ones
+        gemms = [g0, "native" if g0 == "widen" else "widen"]
+    else:
+        gemms = [g0, *[g for g in FP32_GEMMS if g != g0 and (g != "onednn" or onednn_available())]]
     attns = [a0] if a0 is None else [a0, *[a for a in ATTENTIONS if a != a0]]
     return [Plan("eager", g, a) for g in gemms for a in attns]
 
@@ -206,12 +225,13 @@ def other_attention(plan: Plan) -> Plan | None:
 
 def other_gemm(plan: Plan) -> Plan | None:
     """``plan`` with the other CPU fp32 GEMM backend (None where the plan has no GEMM choice, or the
-    other one, oneDNN, cannot run in it)."""
+    other one, oneDNN, cannot run in it). Half precision has none: widened or native, a graph calls
+    the same GEMM kernel as eager code does, so the eager probe has settled it."""
     from dits.speed import onednn_available, onednn_in_graph
 
-    if plan.gemm is None:
+    if plan.gemm not in FP32_GEMMS:
         return None
-    gemm = next(g for g in GEMMS if g != plan.gemm)
+    gemm = next(g for g in FP32_GEMMS if g != plan.gemm)
     if gemm == "onednn" and not (onednn_available() and (not plan.compile or onednn_in_graph())):
         return None
     return Plan(plan.mode, gemm, plan.attention)
@@ -496,6 +516,33 @@ def probe(plans: list[Plan], make_step: Callable, steps: int, known: dict[str, M
     return ms
 
 
+def charge_warm(ms: dict[str, Measurement], plans: list[Plan], make_step: Callable, steps: int, *,
+                clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
+    """Charge a warm compile wherever a cold one alone makes a compiled candidate lose. :func:`measure`
+    times the warm compile of a candidate that loses by its cold compile to the best *so far*; a
+    candidate that was the best when measured (so charged cold) and is overtaken by a later one
+    charged warm was never given the same. The probe's first compile filled inductor's caches for it
+    too; it is compiled once more and charged that (Zen 3, digits fp32: compile-model+mkl 58.9 ms/step
+    + 28 s cold lost to compile-model+onednn 65.3 ms + 0.9 s warm, which was 10 % slower for 4,000 steps)."""
+    ms = dict(ms)
+    names = [p.name for p in plans]
+    base = ms.get(names[0])
+    for _ in range(len(plans)):
+        changed = False
+        for p in plans:
+            m, (_, top) = ms.get(p.name), best(ms, names, steps)
+            if (not p.compile or m is None or m.status != "measured" or m.recompile_s is not None
+                    or top is None or not steps * m.step_s < top < m.total(steps)):
+                continue
+            allowed = min(top, budget(steps, base.step_s) if base and base.step_s else BUDGET_MAX_S)
+            warm = recompile(p, make_step, m.step_s, allowed, clock, deadline)
+            if warm is not None:
+                ms[p.name], changed = replace(m, recompile_s=warm), True
+        if not changed:
+            break
+    return ms
+
+
 def decide(ms: dict[str, Measurement], plans: list[Plan], steps: int) -> Plan:
     """The plan with the least total time for ``steps`` (compile included); the first plan (the
     rules') unless another is SWITCH_MARGIN faster."""
@@ -668,6 +715,7 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         for _ in range(2):  # compiled on the best eager one, then the best compiled one's other kernels
             plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)
             ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
+        ms = charge_warm(ms, plans, make_step, steps, clock=clock, deadline=deadline)
         probed = True
         if ms.get(eager[0].name) is None or ms[eager[0].name].total(steps) is None:
             plan = the_rules(compile_mode)

@@ -25,12 +25,14 @@ from dits.errors import UserError
 
 COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_IMPLS = ("auto", "sdpa", "math")
-GEMM_BACKENDS = ("auto", "onednn", "mkl")
+GEMM_BACKENDS = ("auto", "onednn", "mkl", "widen", "native")
 
 # Forced attention kernel for tests, benchmarks and a run's plan ("auto" = the rules in attention_impl).
 _forced_attention = "auto"
 # Forced GEMM backend of `linear` ("auto": oneDNN in eager code, the compiler's own GEMMs inside
-# torch.compile; "onednn": oneDNN there too, through the graph op; "mkl": always F.linear).
+# torch.compile; "onednn": oneDNN there too, through the graph op; "mkl": always F.linear) and, in
+# CPU half precision (autocast), of `linear` and the attention matmuls ("auto": widen where this
+# CPU's half GEMMs are slow, half_gemms_slow; "widen": always; "native": autocast's own kernels).
 _forced_gemm = "auto"
 _graph_op = None  # dits::onednn_linear_v2 once registered (_onednn_graph_op), by set_gemm("onednn")
 
@@ -89,8 +91,18 @@ def attention_impl(device_type: str, dtype: torch.dtype, seq_len: int, grad: boo
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √d) v with explicit matmuls: the reference definition of attention."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    scores = matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    return matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; with widened half GEMMs (:func:`widened_dtype`) on the
+    half-rounded q, k, v in fp32, the output rounded back."""
+    dt = widened_dtype(q)
+    if dt is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(*(t.to(dt).float() for t in (q, k, v)), attn_mask=attn_mask).to(dt)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -108,7 +120,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         impl = attention_impl(q.device.type, _compute_dtype(q), q.shape[-2], grad)
     if impl == "math":
         return math_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    return _sdpa(q, k, v)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -121,9 +133,73 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         impl = attention_impl(q.device.type, _compute_dtype(q), q.shape[-2], grad)
     if impl == "math":
-        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf"))
-        return scores.softmax(dim=-1).to(v.dtype) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        scores = matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)).masked_fill(~keep, float("-inf"))
+        return matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    return _sdpa(q, k, v, attn_mask=keep)
+
+
+# ----------------------------------------------------------------------------- half-precision GEMMs
+# On a CPU without half-precision arithmetic (AVX2 only: no avx512_bf16, no AMX) torch's bf16 and fp16
+# GEMMs fall back to slow kernels: on a Zen 3 EPYC a bf16 (1024x128)x(128x512) GEMM takes 15.6 ms,
+# the same product in fp32 1.1 ms (docs/performance.md, nineteenth session). A half-precision GEMM
+# multiplies half-rounded operands exactly and accumulates in fp32, then rounds its output; so does
+# widening: round the operands to the half dtype, multiply them in fp32, round the product back.
+# Same rounding points, same function (up to summation order), at the fp32 kernels' speed. Where the
+# CPU has half arithmetic the native kernels win, and nothing widens.
+_HALF_SLOW: dict = {}   # dtype -> whether its GEMMs run slower than widened ones here (half_gemms_slow)
+WIDEN_RATIO = 1.5       # the native half GEMM must be this much slower than the widened one
+
+
+def half_gemms_slow(dtype: torch.dtype) -> bool:
+    """Whether this CPU's ``dtype`` (bf16/fp16) GEMMs run over WIDEN_RATIO x slower than the same
+    product widened to fp32: timed once per process on a 128-cube matmul (a few ms)."""
+    if dtype not in _HALF_SLOW:
+        import time
+
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            a, b = torch.randn(128, 128), torch.randn(128, 128)
+            ah, bh = a.to(dtype), b.to(dtype)
+
+            def best(fn):
+                fn()
+                out = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - t)
+                return min(out)
+
+            try:
+                native = best(lambda: ah @ bh)
+            except RuntimeError:  # no half matmul at all in this build
+                native = float("inf")
+            widened = best(lambda: (ah.float() @ bh.float()).to(dtype))
+        _HALF_SLOW[dtype] = native > WIDEN_RATIO * widened
+    return _HALF_SLOW[dtype]
+
+
+def widened_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The half dtype whose GEMMs run widened to fp32 for ``x`` here, or None: CPU autocast in bf16
+    or fp16, and the plan's GEMM choice ("widen"; "auto" where :func:`half_gemms_slow`)."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    dt = torch.get_autocast_dtype("cpu")
+    if dt not in (torch.bfloat16, torch.float16) or _forced_gemm not in ("auto", "widen"):
+        return None
+    if _forced_gemm == "widen":
+        return dt
+    if torch.compiler.is_compiling():  # (no timing here: the compiler cannot trace it)
+        return dt if _HALF_SLOW.get(dt) else None
+    return dt if half_gemms_slow(dt) else None
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, its operands widened to fp32 where :func:`widened_dtype` says so."""
+    dt = widened_dtype(a)
+    if dt is None:
+        return a @ b
+    with torch.autocast("cpu", enabled=False):
+        return (a.to(dt).float() @ b.to(dt).float()).to(dt)
 
 
 # ----------------------------------------------------------------------------- linear layers
@@ -250,10 +326,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     training (forward, input and weight gradients) as in inference (docs/performance.md), and
     the same function up to float rounding. For inference the bias and the GELU are fused into
     the kernel; with autograd the GELU stays a separate op (its backward needs the
-    pre-activation). Autocast and other devices and dtypes keep F.linear; so does torch.compile
+    pre-activation). In CPU half precision, on a CPU without half arithmetic, the GEMMs run on
+    fp32 kernels with half-rounded operands (:func:`widened_dtype`). Autocast otherwise and other
+    devices and dtypes keep F.linear; so does torch.compile
     (inductor plans its own GEMMs) unless a plan forces "onednn", which puts oneDNN's kernel in
     the graph as one op (:func:`_onednn_graph_op`).
     """
+    dt = widened_dtype(x)
+    if dt is not None:  # CPU half precision without half arithmetic: fp32 GEMMs on half-rounded operands
+        with torch.autocast("cpu", enabled=False):
+            y = F.linear(x.to(dt).float(), weight.to(dt).float(), None if bias is None else bias.to(dt).float()).to(dt)
+        return gelu_tanh(y) if gelu else y
     if _onednn_applies(x, weight):
         x2 = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():
@@ -499,6 +582,9 @@ def compile_module(module: torch.nn.Module, plan: str = "model", model: torch.nn
                    quiet: bool = False) -> torch.nn.Module:
     """``module`` (a DiT, or a DDP wrapper of ``model``) compiled by ``plan`` ("model", or
     "blocks": each of ``model.blocks``), with an eager fallback (see :class:`CompiledOrEager`)."""
+    if next(module.parameters(), torch.empty(0)).device.type == "cpu":
+        for dt in (torch.bfloat16, torch.float16):  # timed here, outside the graph (widened_dtype)
+            half_gemms_slow(dt)
     if plan == "blocks":
         return CompiledOrEager(module, blocks=compiled_blocks(model if model is not None else module), quiet=quiet)
     return CompiledOrEager(module, quiet=quiet)
