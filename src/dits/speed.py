@@ -178,10 +178,63 @@ def half_gemms_slow(dtype: torch.dtype) -> bool:
     return _HALF_SLOW[dtype]
 
 
+@functools.lru_cache(maxsize=None)
+def _widened_ops():
+    """The widened GEMMs as custom ops, ``dits::widened_linear`` and ``dits::widened_matmul`` (None
+    where this torch has no ``torch.library.custom_op``, < 2.4). Half-precision tensors in, out
+    and in every gradient; fp32 inside. Ops rather than plain code because a compiled graph traces
+    its backward under the forward's autocast, which would turn the backward's fp32 GEMMs back into
+    half ones; an op's backward is itself these ops, whose bodies run with autocast off."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("dits::widened_linear", mutates_args=())
+    def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+    @widened_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    def linear_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def linear_backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx = widened_linear(grad, weight.t(), None)                  # grad @ W
+        gw = widened_linear(grad.t(), x.t(), None)                   # gradᵀ x
+        gb = grad.float().sum(0).to(grad.dtype) if ctx.has_bias else None
+        return gx, gw, gb
+
+    widened_linear.register_autograd(linear_backward, setup_context=linear_context)
+
+    @torch.library.custom_op("dits::widened_matmul", mutates_args=())
+    def widened_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return (a.float() @ b.float()).to(a.dtype)
+
+    @widened_matmul.register_fake
+    def _(a, b):
+        return a.new_empty(*a.shape[:-1], b.shape[-1])
+
+    def matmul_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def matmul_backward(ctx, grad):  # (a and b have the same batch dimensions: no broadcasting)
+        a, b = ctx.saved_tensors
+        return widened_matmul(grad, b.transpose(-2, -1)), widened_matmul(a.transpose(-2, -1), grad)
+
+    widened_matmul.register_autograd(matmul_backward, setup_context=matmul_context)
+    return widened_linear, widened_matmul
+
+
 def widened_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The half dtype whose GEMMs run widened to fp32 for ``x`` here, or None: CPU autocast in bf16
     or fp16, and the plan's GEMM choice ("widen"; "auto" where :func:`half_gemms_slow`)."""
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or _widened_ops() is None:
         return None
     dt = torch.get_autocast_dtype("cpu")
     if dt not in (torch.bfloat16, torch.float16) or _forced_gemm not in ("auto", "widen"):
@@ -196,10 +249,9 @@ def widened_dtype(x: torch.Tensor) -> torch.dtype | None:
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b``, its operands widened to fp32 where :func:`widened_dtype` says so."""
     dt = widened_dtype(a)
-    if dt is None:
+    if dt is None or a.shape[:-2] != b.shape[:-2]:
         return a @ b
-    with torch.autocast("cpu", enabled=False):
-        return (a.to(dt).float() @ b.to(dt).float()).to(dt)
+    return _widened_ops()[1](a.to(dt), b.to(dt))
 
 
 # ----------------------------------------------------------------------------- linear layers
@@ -334,8 +386,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     """
     dt = widened_dtype(x)
     if dt is not None:  # CPU half precision without half arithmetic: fp32 GEMMs on half-rounded operands
-        with torch.autocast("cpu", enabled=False):
-            y = F.linear(x.to(dt).float(), weight.to(dt).float(), None if bias is None else bias.to(dt).float()).to(dt)
+        y = _widened_ops()[0](x.reshape(-1, x.shape[-1]).to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
         return gelu_tanh(y) if gelu else y
     if _onednn_applies(x, weight):
         x2 = x.reshape(-1, x.shape[-1])
