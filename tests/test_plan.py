@@ -82,12 +82,17 @@ BLOCKS_O, MODEL_O = P.Plan("compile-blocks", "onednn", "sdpa"), P.Plan("compile-
 
 def test_probe_picks_the_faster_of_two_fake_plans_and_stops_the_hopeless_early():
     clock = Clock()
-    make, made, deadline = fake_plans(clock, {A.name: 0.030, B.name: 0.020, C.name: 0.060})
+    make, made, deadline = fake_plans(clock, {A.name: 0.030, B.name: 0.020, C.name: 0.035})
     ms = P.probe([A, B, C], make, 4000, clock=clock, deadline=deadline)
     assert made == [A.name, B.name, C.name]
     assert P.decide(ms, [A, B, C], 4000) == B
     assert ms[A.name].step_s == pytest.approx(0.030) and ms[B.name].status == "measured"
     assert ms[C.name].status == "stopped" and ms[C.name].timed == P.MIN_TIMED  # cannot win: stopped at once
+    # one whose warm-up call alone is HOPELESS x the best total is stopped after that call
+    clock3 = Clock()
+    make, made, deadline = fake_plans(clock3, {A.name: 0.030, B.name: 0.020, C.name: 0.020 * P.HOPELESS * 1.1})
+    ms = P.probe([A, B, C], make, 4000, clock=clock3, deadline=deadline)
+    assert ms[C.name].status == "stopped" and ms[C.name].timed == 1 and P.decide(ms, [A, B, C], 4000) == B
     # the other way round, the rules' plan (first) wins; and a plan within SWITCH_MARGIN does not replace it
     clock2 = Clock()
     make, _, deadline = fake_plans(clock2, {A.name: 0.020, B.name: 0.030, C.name: 0.0199})

@@ -74,6 +74,8 @@ MIN_PROBE_STEPS = 500
 MIN_TIMED, MAX_TIMED = 3, 8      # timed steps per candidate (after warm-up)
 CANDIDATE_SECONDS = 4.0          # stop timing a candidate after this much (MIN_TIMED steps at least)
 NOISE_MARGIN = 0.03              # a candidate is stopped once its estimate is this much over the best
+HOPELESS = 2.0                   # an eager candidate whose warm-up call alone is this many times the best
+                                 # total is stopped there (a native bf16 DiT-S/2 step on an AVX2 CPU: ~40 s)
 SWITCH_MARGIN = 0.02             # another plan replaces the rules' plan only when this much faster in total
 BUDGET_FRACTION = 0.25           # compile candidates may use this share of the run's estimated time ...
 BUDGET_MAX_S = 600.0             # ... and never more than this
@@ -388,6 +390,9 @@ def measure(plan: Plan, make_step: Callable, steps: int, best_total: float | Non
                 return Measurement(plan.name, "failed", note=why)
             if compiled:
                 handle.run()  # a second warm-up call: a compiled step's first backward may still compile
+            elif best_total is not None and steps * first > best_total * HOPELESS:
+                # a warm-up call runs slower than a steady step, never faster: this plan cannot win
+                return Measurement(plan.name, "stopped", step_s=first, timed=1)
         times, status = [], "measured"
         t_begin = clock()
         while len(times) < MAX_TIMED:
