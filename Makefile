@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dits train --preset digits --out runs/digits --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4
 
 $(DOCS_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[docs]"

@@ -178,8 +178,7 @@ def half_gemms_slow(dtype: torch.dtype) -> bool:
     return _HALF_SLOW[dtype]
 
 
-@functools.lru_cache(maxsize=None)
-def _widened_ops():
+def _register_widened_ops():
     """The widened GEMMs as custom ops, ``dits::widened_linear`` and ``dits::widened_matmul`` (None
     where this torch has no ``torch.library.custom_op``, < 2.4). Half-precision tensors in, out
     and in every gradient; fp32 inside. Ops rather than plain code because a compiled graph traces
@@ -231,10 +230,14 @@ def _widened_ops():
     return widened_linear, widened_matmul
 
 
+# Registered at import, outside any compiled code (a compiled graph only reads this global).
+_WIDE_OPS = _register_widened_ops()
+
+
 def widened_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The half dtype whose GEMMs run widened to fp32 for ``x`` here, or None: CPU autocast in bf16
     or fp16, and the plan's GEMM choice ("widen"; "auto" where :func:`half_gemms_slow`)."""
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or _widened_ops() is None:
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or _WIDE_OPS is None:
         return None
     dt = torch.get_autocast_dtype("cpu")
     if dt not in (torch.bfloat16, torch.float16) or _forced_gemm not in ("auto", "widen"):
@@ -251,7 +254,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dt = widened_dtype(a)
     if dt is None or a.shape[:-2] != b.shape[:-2]:
         return a @ b
-    return _widened_ops()[1](a.to(dt), b.to(dt))
+    return _WIDE_OPS[1](a.to(dt), b.to(dt))
 
 
 # ----------------------------------------------------------------------------- linear layers
@@ -386,7 +389,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     """
     dt = widened_dtype(x)
     if dt is not None:  # CPU half precision without half arithmetic: fp32 GEMMs on half-rounded operands
-        y = _widened_ops()[0](x.reshape(-1, x.shape[-1]).to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+        y = _WIDE_OPS[0](x.reshape(-1, x.shape[-1]).to(dt), weight.to(dt), None if bias is None else bias.to(dt))
         y = y.reshape(*x.shape[:-1], weight.shape[0])
         return gelu_tanh(y) if gelu else y
     if _onednn_applies(x, weight):
