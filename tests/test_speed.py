@@ -377,7 +377,8 @@ def _check_speed_up_lines(out):
 
     rate = {}
     for line in out.splitlines():
-        m = re.match(r"^(.{38}) +[0-9.]+ +([0-9.]+) ", line)
+        # the name column is as wide as the longest name (at least 38): a name, two or more spaces
+        m = re.match(r"^(\S.*?) {2,}[0-9.]+ +([0-9.]+) ", line)
         if m:
             rate[m.group(1).strip()] = float(m.group(2))
     ups = re.findall(r"speed-up of (.+) over (.+): ([0-9.]+)x", out)
