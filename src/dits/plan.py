@@ -56,7 +56,7 @@ FP32_GEMMS = ("onednn", "mkl")
 HALF_GEMMS = ("widen", "native")
 GEMMS = FP32_GEMMS + HALF_GEMMS
 ATTENTIONS = ("sdpa", "math")
-FORMAT = 6                 # of the cache entries; a change makes old entries invalid
+FORMAT = 7                 # of the cache entries; a change makes old entries invalid (7: the graph op's Wᵀ view)
                            # (2: a compiled +onednn plan runs oneDNN in the graph; in 1 it ran MKL there;
                            # 3: timed with freed CPU memory kept in the process, dits.speed.retain_host_memory,
                            # which speeds some plans far more than others;

@@ -34,7 +34,7 @@ _forced_attention = "auto"
 # CPU half precision (autocast), of `linear` and the attention matmuls ("auto": widen where this
 # CPU's half GEMMs are slow, half_gemms_slow; "widen": always; "native": autocast's own kernels).
 _forced_gemm = "auto"
-_graph_op = None  # dits::onednn_linear_v2 once registered (_onednn_graph_op), by set_gemm("onednn")
+_graph_op = None  # dits::onednn_linear_v3 once registered (_onednn_graph_op), by set_gemm("onednn")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -316,7 +316,7 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor, linear=_onednn, in_graph: 
 
 @functools.lru_cache(maxsize=None)
 def _onednn_graph_op():
-    """oneDNN's linear as a custom op (``dits::onednn_linear_v2``) that torch.compile keeps as one
+    """oneDNN's linear as a custom op (``dits::onednn_linear_v3``) that torch.compile keeps as one
     opaque call, with its backward (input and weight gradients) on oneDNN too (the transposes
     around them left to the graph, :func:`_weight_grad`); None where this torch
     has no ``torch.library.custom_op`` (< 2.4). Inside a compiled graph a plain F.linear becomes
@@ -326,8 +326,9 @@ def _onednn_graph_op():
         return None
 
     # The name's version changes with the backward: torch.compile's on-disk caches key a graph by
-    # the ops it calls, not by the code of their registered backward (v2: the graph's _weight_grad).
-    @torch.library.custom_op("dits::onednn_linear_v2", mutates_args=())
+    # the ops it calls, not by the code of their registered backward (v2: the graph's _weight_grad;
+    # v3: the input gradient takes Wᵀ as a view, as the eager op does).
+    @torch.library.custom_op("dits::onednn_linear_v3", mutates_args=())
     def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _onednn(x.contiguous(), weight, bias)
 
@@ -342,7 +343,10 @@ def _onednn_graph_op():
 
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        gx = onednn_linear(grad, weight.t().contiguous(), None)           # grad @ W
+        # grad @ W. oneDNN reorders its weight operand into its own blocked layout whatever the
+        # strides, so Wᵀ goes in as a view: a copy first bought nothing (the same bits, the same
+        # GEMM time; one transpose of every weight a step saved; docs/performance.md, 21st session)
+        gx = onednn_linear(grad, weight.t(), None)
         gw = _weight_grad(x, grad, onednn_linear, in_graph=True)
         gb = grad.sum(0) if ctx.has_bias else None
         return gx, gw, gb
