@@ -344,8 +344,8 @@ def _onednn_graph_op():
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         # grad @ W. oneDNN reorders its weight operand into its own blocked layout whatever the
-        # strides, so Wᵀ goes in as a view: a copy first bought nothing (the same bits, the same
-        # GEMM time; one transpose of every weight a step saved; docs/performance.md, 21st session)
+        # strides, so Wᵀ goes in as a view: a copy first bought nothing (the same bits, a GEMM no
+        # slower; one transpose of every weight a step saved; docs/performance.md, 21st session)
         gx = onednn_linear(grad, weight.t(), None)
         gw = _weight_grad(x, grad, onednn_linear, in_graph=True)
         gb = grad.sum(0) if ctx.has_bias else None

@@ -15,13 +15,17 @@ import types
 __version__ = "0.0.0+stub"
 
 
+def _placeholder(owner, name):
+    """``owner.name``, made on first use: a new placeholder class, kept on ``owner``."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    sub = _Placeholder(name, (_Any,), {})
+    setattr(owner, name, sub)
+    return sub
+
+
 class _Placeholder(type):
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        sub = _Placeholder(name, (_Any,), {})
-        setattr(cls, name, sub)
-        return sub
+    __getattr__ = _placeholder
 
 
 class _Any(metaclass=_Placeholder):
@@ -31,13 +35,7 @@ class _Any(metaclass=_Placeholder):
 
 class _Module(types.ModuleType):
     __path__ = []  # a package, so that deeper imports resolve too
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        sub = _Placeholder(name, (_Any,), {})
-        setattr(self, name, sub)
-        return sub
+    __getattr__ = _placeholder
 
 
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
