@@ -391,11 +391,13 @@ def _tiny_model(depth=1):
 def _loss_and_grads(m, plan, precision, x, t, kw, noise):
     from dits.objectives import create_objective
 
+    from dits.train.loop import step_loss
+
     obj = create_objective("diffusion")
-    net = plan.wrap(m, m, quiet=True) if plan is not None else m
+    net = step_loss(plan, obj, m, m, quiet=True)  # the step's loss as the trainer runs it with this plan
     ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
     with plan.scope() if plan is not None else contextlib.nullcontext(), ctx:
-        loss = obj.training_losses(net, x, t, model_kwargs=kw, noise=noise)["loss"].mean()
+        loss = net(x, t, kw, noise)["loss"].mean()
     m.zero_grad(set_to_none=True)
     loss.backward()
     assert not getattr(net, "failed", False), getattr(net, "why", "")

@@ -98,6 +98,22 @@ def _unmasked_log(terms: dict, masking) -> dict:
     return terms
 
 
+class TrainingLoss(torch.nn.Module):
+    """``objective.training_losses(net, x0, t, model_kwargs, noise)`` as a module, called
+    ``(x0, t, model_kwargs, noise)``: the unit a whole-model compile compiles (dits.plan), so the
+    loss's few dozen small ops (q_sample, the split of the output, the learned-variance bound, the
+    MSE) join the network's graph instead of running eager around it: 3-5 % of the digits training
+    step (docs/performance.md, 22nd session). The module holds ``net`` (no copy of its parameters)."""
+
+    def __init__(self, objective, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.__dict__["objective"] = objective  # not a module: kept out of the module tree
+
+    def forward(self, x0, t, model_kwargs, noise) -> dict:
+        return self.objective.training_losses(self.net, x0, t, model_kwargs=model_kwargs, noise=noise)
+
+
 class DiffusionObjective:
     """DiT's Gaussian diffusion: integer t uniform over the T steps, L_simple (+ L_vlb)."""
     name = "diffusion"

@@ -56,7 +56,7 @@ FP32_GEMMS = ("onednn", "mkl")
 HALF_GEMMS = ("widen", "native")
 GEMMS = FP32_GEMMS + HALF_GEMMS
 ATTENTIONS = ("sdpa", "math")
-FORMAT = 7                 # of the cache entries; a change makes old entries invalid
+FORMAT = 8                 # of the cache entries; a change makes old entries invalid
                            # (2: a compiled +onednn plan runs oneDNN in the graph; in 1 it ran MKL there;
                            # 3: timed with freed CPU memory kept in the process, dits.speed.retain_host_memory,
                            # which speeds some plans far more than others;
@@ -66,7 +66,8 @@ FORMAT = 7                 # of the cache entries; a change makes old entries in
                            # compiled once more, warm, and the run is charged that, recompile_s;
                            # 6: half-precision plans widen their GEMMs to fp32 where this CPU's half
                            # GEMMs are slow, +widen / +native;
-                           # 7: the oneDNN graph op's input gradient takes Wᵀ as a view, no copy)
+                           # 7: the oneDNN graph op's input gradient takes Wᵀ as a view, no copy;
+                           # 8: a whole-model compile takes the objective's loss into the graph)
 
 # The probe. Every candidate costs about WARMUP + TIMED steps (plus a compile); a run shorter than
 # MIN_PROBE_STEPS would spend a noticeable share of itself measuring (4 eager candidates x ~10

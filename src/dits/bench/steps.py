@@ -39,14 +39,14 @@ class TrainStepRunner(_PlanRunner):
         from dits.speed import adamw
         from dits.train.distributed import Dist
         from dits.train.faults import NonFiniteGuard, agree
-        from dits.train.loop import StepParts
+        from dits.train.loop import StepParts, step_loss
         from dits.train.outputs import LossAccumulator
 
         self.device, self.inputs, self.step, self.plan = device, inputs, step, plan
         self.model = copy.deepcopy(model) if copy_model else model
         self.model.train()
         ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.net = plan.wrap(self.model, self.model, quiet=True)
+        self.net = step_loss(plan, objective, self.model, self.model, quiet=True)
         opt = adamw(self.model.parameters(), cfg.lr, cfg.weight_decay, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         guard, ctx, no_signal = NonFiniteGuard(cfg.on_nonfinite, fp16=cfg.precision == "fp16"), Dist(0, 1, device), torch.zeros(())

@@ -30,7 +30,7 @@ from dits.errors import UserError
 from dits.fileio import write_json_atomic, write_text_atomic
 from dits.masking import Masking, decoder_depth
 from dits.models import DiT, create_model
-from dits.objectives import create_objective, resolve_learn_sigma
+from dits.objectives import TrainingLoss, create_objective, resolve_learn_sigma
 from dits.speed import adamw, check_precision, setup_device
 from dits.train.distributed import full_copy, full_state, load_optimizer_state, setup_distributed, shard
 from dits.train.faults import NonFiniteGuard, Preemption, agree, injected_fault
@@ -100,9 +100,10 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 @dataclass
 class StepParts:
-    """What one training step touches. ``net`` is ``model`` as the step calls it (DDP-wrapped,
-    compiled by the plan); ``decide(loss, gnorm)`` -> (bad, stop) is the step's one host sync."""
-    net: torch.nn.Module
+    """What one training step touches. ``loss(x, t, model_kwargs, noise)`` is the objective's
+    losses of ``model`` as the step computes them (DDP-wrapped, compiled by the plan: see
+    :func:`step_loss`); ``decide(loss, gnorm)`` -> (bad, stop) is the step's one host sync."""
+    loss: torch.nn.Module
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -124,6 +125,18 @@ class StepResult:
     stop: bool
 
 
+def step_loss(plan, objective, net: torch.nn.Module, model: torch.nn.Module, quiet: bool = False) -> torch.nn.Module:
+    """The step's loss as ``plan`` runs it. A whole-model compile takes the objective's loss into
+    the model's graph (:class:`dits.objectives.TrainingLoss` compiled), except around DDP, which is
+    compiled alone as torch documents it; a per-block compile compiles the blocks in place; eager
+    plans wrap nothing. The result has the plan's ``failed`` / ``why`` where it compiled."""
+    if plan is None:
+        return TrainingLoss(objective, net)
+    if plan.compile == "model" and isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return TrainingLoss(objective, plan.wrap(net, model, quiet=quiet))
+    return plan.wrap(TrainingLoss(objective, net), model, quiet=quiet)
+
+
 def train_step(p: StepParts, step: int, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict,
                noise: torch.Tensor) -> StepResult:
     """One optimisation step of the trainer (and of `dits bench train`, which times this function):
@@ -135,7 +148,7 @@ def train_step(p: StepParts, step: int, x: torch.Tensor, t: torch.Tensor, model_
         for group in p.opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         with _autocast(cfg, p.device):
-            losses = p.objective.training_losses(p.net, x, t, model_kwargs=model_kwargs, noise=noise)
+            losses = p.loss(x, t, model_kwargs, noise)
         loss = losses["loss"].mean()
         p.opt.zero_grad(set_to_none=True)
         p.scaler.scale(loss).backward()
@@ -358,7 +371,7 @@ def _plan_parts(cfg, model, net, ema, opt, scaler, objective, ctx, start, state,
     if ctx.main:
         line = f"dits train: {choice.line}"
         bar.write(line) if bar is not None else print(line, flush=True)
-    return StepParts(choice.plan.wrap(net, model), model, ema, opt, scaler, objective, cfg, ctx.device, decide,
+    return StepParts(step_loss(choice.plan, objective, net, model), model, ema, opt, scaler, objective, cfg, ctx.device, decide,
                      choice.plan, choice.record())
 
 
