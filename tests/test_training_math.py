@@ -12,7 +12,7 @@ import torch
 from dits.checkpoint import load_checkpoint
 from dits.config import TrainConfig, resolve_config
 from dits.train import train
-from dits.train.loop import clip_grads, ema_decay_at, lr_at, update_ema
+from dits.train.loop import clip_grads, ema_decay_at, grad_norm, lr_at, update_ema
 from test_train import TINY
 
 
@@ -58,11 +58,28 @@ def test_clip_grads_returns_the_total_norm_and_scales_to_max_norm(max_norm):
     for p, gr in zip(net.parameters(), grads):
         p.grad = gr.clone()
     norm = math.sqrt(sum(float((gr.double() ** 2).sum()) for gr in grads))
-    got = clip_grads(net, max_norm)
+    got = grad_norm(net)
     assert float(got) == pytest.approx(norm, rel=1e-6)
+    assert clip_grads(net, max_norm, got) == (0 < max_norm < norm)
     factor = max_norm / (norm + 1e-6) if 0 < max_norm < norm else 1.0
     for p, gr in zip(net.parameters(), grads):
         torch.testing.assert_close(p.grad, gr * factor, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 2.0, 100.0])
+def test_clip_grads_gives_clip_grad_norm_s_bits_and_skips_only_a_factor_of_one(max_norm):
+    """torch's clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)) on every step; the
+    trainer's clip multiplies only when that factor is under 1. Both must leave the same bits."""
+    torch.manual_seed(0)
+    ours, theirs = tiny_net(2), tiny_net(2)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        a.grad = torch.randn(a.shape)
+        b.grad = a.grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    clipped = clip_grads(ours, max_norm, grad_norm(ours))
+    assert clipped == (float(norm) > max_norm)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a.grad, b.grad)
 
 
 # ------------------------------------------------------------------ the same, read back from a run
