@@ -172,6 +172,7 @@ def test_cached_warm_recompiles_count_only_while_inductors_cache_exists(monkeypa
 
 def _choose(monkeypatch, tmp_path, steps, step_s, compile_s=None, eager=(A, B), compiled=(), recompile_s=None, **kw):
     monkeypatch.setenv("DITS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "RECHECK_MARGIN", -1.0)  # no second look: these fakes time without noise (its own test below)
     monkeypatch.setattr(P, "eager_candidates", lambda device, precision: list(eager))
     monkeypatch.setattr(P, "compile_candidates", lambda device, like: list(compiled))
     clock = Clock()
@@ -180,6 +181,24 @@ def _choose(monkeypatch, tmp_path, steps, step_s, compile_s=None, eager=(A, B), 
     choice = P.choose("auto", compile_mode="auto", device=CPU, precision="fp32", steps=steps, key=key,
                       make_step=make, clock=clock, deadline=deadline, **kw)
     return choice, made
+
+
+def test_a_second_look_times_the_best_two_again_where_they_are_close_and_keeps_the_faster_estimates():
+    """A noisy first timing (B at 32 ms, truly 20 ms) puts B behind A (30 ms); both are within
+    RECHECK_MARGIN, so both are timed again and B, at its true 20 ms, wins. Outside the margin
+    nothing is timed again."""
+    clock = Clock()
+    make, made, deadline = fake_plans(clock, {A.name: 0.030, B.name: 0.020})
+    noisy = {A.name: P.Measurement(A.name, "measured", step_s=0.030, timed=8),
+             B.name: P.Measurement(B.name, "measured", step_s=0.032, timed=8)}
+    assert P.decide(noisy, [A, B], 4000) == A
+    ms = P.second_look(noisy, [A, B], make, 4000, clock=clock, deadline=deadline)
+    assert sorted(made) == sorted([A.name, B.name])
+    assert ms[B.name].step_s == pytest.approx(0.020) and ms[A.name].step_s == pytest.approx(0.030)
+    assert P.decide(ms, [A, B], 4000) == B
+    far = {**noisy, B.name: P.Measurement(B.name, "measured", step_s=0.030 * (1 + P.RECHECK_MARGIN) * 1.01, timed=8)}
+    made.clear()
+    assert P.second_look(far, [A, B], make, 4000, clock=clock, deadline=deadline) == far and made == []
 
 
 def test_choose_caches_and_the_next_run_decides_without_probing(monkeypatch, tmp_path):

@@ -78,6 +78,7 @@ CANDIDATE_SECONDS = 4.0          # stop timing a candidate after this much (MIN_
 NOISE_MARGIN = 0.03              # a candidate is stopped once its estimate is this much over the best
 HOPELESS = 2.0                   # an eager candidate whose warm-up call alone is this many times the best
                                  # total is stopped there (a native bf16 DiT-S/2 step on an AVX2 CPU: ~40 s)
+RECHECK_MARGIN = 0.15           # the runner-up within this much of the best in total: both timed again
 SWITCH_MARGIN = 0.02             # another plan replaces the rules' plan only when this much faster in total
 BUDGET_FRACTION = 0.25           # compile candidates may use this share of the run's estimated time ...
 BUDGET_MAX_S = 600.0             # ... and never more than this
@@ -550,6 +551,27 @@ def charge_warm(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
     return ms
 
 
+def second_look(ms: dict[str, Measurement], plans: list[Plan], make_step: Callable, steps: int, *,
+                clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
+    """Time the best and the runner-up once more where they lie within RECHECK_MARGIN of each other
+    in total, and keep each one's faster estimate (noise only ever adds time). Three to eight steps
+    per candidate, on a shared machine, misjudged one by 10-25 %: digits fp32 on a Zen 4, torch 2.15,
+    compile-model+mkl+math timed at 64.2 ms against its sdpa variant's 59.8 ms, and 1.46x against
+    1.17x the official step side by side minutes later (docs/performance.md, 22nd session). Their
+    compiles are charged as before (a second compile here would be a warm one)."""
+    names = [p.name for p in plans]
+    ranked = sorted((ms[n].total(steps), n) for n in names
+                    if n in ms and ms[n].total(steps) is not None and ms[n].timed >= MIN_TIMED)
+    if len(ranked) < 2 or ranked[1][0] > ranked[0][0] * (1 + RECHECK_MARGIN):
+        return ms
+    ms = dict(ms)
+    for _, n in ranked[:2]:
+        again = measure(next(p for p in plans if p.name == n), make_step, steps, None, None, clock, deadline)
+        if again.step_s is not None and again.status == "measured":
+            ms[n] = replace(ms[n], step_s=min(ms[n].step_s, again.step_s))
+    return ms
+
+
 def decide(ms: dict[str, Measurement], plans: list[Plan], steps: int) -> Plan:
     """The plan with the least total time for ``steps`` (compile included); the first plan (the
     rules') unless another is SWITCH_MARGIN faster."""
@@ -723,6 +745,7 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
             plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)
             ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
         ms = charge_warm(ms, plans, make_step, steps, clock=clock, deadline=deadline)
+        ms = second_look(ms, plans, make_step, steps, clock=clock, deadline=deadline)
         probed = True
         if ms.get(eager[0].name) is None or ms[eager[0].name].total(steps) is None:
             plan = the_rules(compile_mode)
