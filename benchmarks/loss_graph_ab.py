@@ -1,5 +1,5 @@
 """The loss in the compiled graph, against the network alone compiled, in one process (the two
-steps alternate round by round, medians; docs/performance.md, 22nd session):
+steps take turns round by round, dits.bench.speed.interleave, medians; docs/performance.md, 22nd session):
 
     PYTHONPATH=src python benchmarks/loss_graph_ab.py fp32 digits compile-model+mkl+math
     PYTHONPATH=src python benchmarks/loss_graph_ab.py fp32 s2 compile-model+onednn+sdpa 6
@@ -10,10 +10,11 @@ objective's loss eager around the compiled network.
 """
 import statistics
 import sys
-import time
+
+import torch
 
 import dits.train.loop as loop
-from dits.bench.speed import Setup, dits_train_step
+from dits.bench.speed import Setup, dits_train_step, interleave
 from dits.objectives import TrainingLoss
 
 precision, shape = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "digits"
@@ -37,18 +38,9 @@ loop.step_loss = network_alone
 alone, _, _ = dits_train_step(setup())
 loop.step_loss = in_graph
 whole, _, _ = dits_train_step(setup())
-steps = 2 if shape == "s2" else 20
-for f in (alone, whole):
-    for _ in range(3):
-        f()
-ms = {alone: [], whole: []}
-for r in range(rounds):
-    for f in (alone, whole) if r % 2 == 0 else (whole, alone):
-        t = time.perf_counter()
-        for _ in range(steps):
-            f()
-        ms[f].append((time.perf_counter() - t) / steps * 1e3)
-a, b = statistics.median(ms[alone]), statistics.median(ms[whole])
-paired = statistics.median(x / y for x, y in zip(ms[alone], ms[whole]))
-print(f"{precision} {shape} {plan}: network alone compiled {a:.2f} ms, with the loss {b:.2f} ms; "
-      f"{a / b:.3f}x (round-paired {paired:.3f}x)")
+timings = interleave({"alone": alone, "whole": whole}, rounds, 2 if shape == "s2" else 20, 3,
+                     torch.device("cpu"), progress=False)
+ta, tb = timings
+paired = statistics.median(x / y for x, y in zip(ta.seconds, tb.seconds))
+print(f"{precision} {shape} {plan}: network alone compiled {ta.median * 1e3:.2f} ms, with the loss {tb.median * 1e3:.2f} ms; "
+      f"{ta.median / tb.median:.3f}x (round-paired {paired:.3f}x)")

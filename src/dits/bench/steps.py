@@ -53,7 +53,7 @@ class TrainStepRunner(_PlanRunner):
 
         def decide(loss, gnorm):
             return agree(ctx, guard.bad(loss, gnorm), no_signal)
-        self.parts = StepParts(self.net, self.model, ema, opt, scaler, objective, cfg, device, decide, plan)
+        self.parts = StepParts(self.net, self.model, ema, opt, scaler, cfg, device, decide, plan)
         self.acc = LossAccumulator()
 
     def run(self) -> None:

@@ -119,7 +119,6 @@ class StepParts:
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    objective: object
     cfg: TrainConfig
     device: torch.device
     decide: Callable
@@ -384,7 +383,7 @@ def _plan_parts(cfg, model, net, ema, opt, scaler, objective, ctx, start, state,
     if ctx.main:
         line = f"dits train: {choice.line}"
         bar.write(line) if bar is not None else print(line, flush=True)
-    return StepParts(step_loss(choice.plan, objective, net, model), model, ema, opt, scaler, objective, cfg, ctx.device, decide,
+    return StepParts(step_loss(choice.plan, objective, net, model), model, ema, opt, scaler, cfg, ctx.device, decide,
                      choice.plan, choice.record())
 
 
