@@ -18,7 +18,8 @@ from dits.train import StepRandomness, train
 TINY = dict(objective="diffusion", model="DiT", depth=1, hidden_size=32, num_heads=2, patch_size=2, batch_size=16, lr=1e-3,
             warmup_steps=3, grad_clip=1.0, ema_decay=0.9, ema_warmup=True, log_every=5, ckpt_every=10,
             sampler="ddim", sample_steps=2, samples_per_class=1, eval_samples=0, seed=3)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+# PYTHONFAULTHANDLER: a crash in a child process (a torchrun rank) prints its Python stack to the stderr the tests show
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 
 
 def tiny_cfg(out, **kw):
