@@ -5,6 +5,8 @@ import contextlib
 import copy
 import os
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -199,6 +201,44 @@ def test_a_second_look_times_the_best_two_again_where_they_are_close_and_keeps_t
     far = {**noisy, B.name: P.Measurement(B.name, "measured", step_s=0.030 * (1 + P.RECHECK_MARGIN) * 1.01, timed=8)}
     made.clear()
     assert P.second_look(far, [A, B], make, 4000, clock=clock, deadline=deadline) == far and made == []
+
+
+def test_a_compiled_runner_up_is_ranked_by_its_warm_compile_and_charged_the_warm_compile_it_is_retimed_with():
+    """The 24th session's digits fp32 probe on a Zen 4: compile-blocks 46.1 ms/step + 0.1 s warm,
+    compile-model 54.6 ms (a noisy first timing; truly 41 ms) + 22 s cold. Charged cold, the whole
+    model (240 s for 4,000 steps) lay 30 % behind (184 s) and was never timed again. Ranked by what
+    the run would pay, its steps alone (218 s, 18 % behind) are within RECHECK_MARGIN: both are timed
+    again, the whole model compiles warm (0.5 s), is charged that, and wins."""
+    clock = Clock()
+    make, made, deadline = fake_plans(clock, {BLOCKS.name: 0.0461, MODEL.name: 0.041},
+                                      {BLOCKS.name: 22.0, MODEL.name: 22.0}, {BLOCKS.name: 0.1, MODEL.name: 0.5})
+    made.extend([BLOCKS.name, MODEL.name])  # both compiled once by the probe: inductor's caches are warm
+    noisy = {BLOCKS.name: P.Measurement(BLOCKS.name, "measured", step_s=0.0461, compile_s=22.0, timed=8, recompile_s=0.1),
+             MODEL.name: P.Measurement(MODEL.name, "stopped", step_s=0.0546, compile_s=22.0, timed=3)}
+    plans = [BLOCKS, MODEL]
+    assert P.decide(noisy, plans, 4000) == BLOCKS
+    ms = P.second_look(noisy, plans, make, 4000, clock=clock, deadline=deadline)
+    assert made[2:] == [BLOCKS.name, MODEL.name]
+    m = ms[MODEL.name]
+    assert m.status == "measured" and m.step_s == pytest.approx(0.041) and m.recompile_s == pytest.approx(0.5)
+    assert m.total(4000) == pytest.approx(0.5 + 4000 * 0.041) and ms[BLOCKS.name].recompile_s == pytest.approx(0.1)
+    assert P.decide(ms, plans, 4000) == MODEL
+    # the margin still applies to the steps: a whole model slower by more than it on its steps alone is not timed again
+    slow = {**noisy, MODEL.name: replace(noisy[MODEL.name], step_s=0.0461 * (1 + P.RECHECK_MARGIN) * 1.01)}
+    before = list(made)
+    assert P.second_look(slow, plans, make, 4000, clock=clock, deadline=deadline) == slow and made == before
+
+
+def test_a_compiled_candidate_is_timed_in_full_though_its_first_steps_lose():
+    """Early stopping saves steps; a compiled candidate has paid its compile, next to which its
+    steps are cheap, so it is timed to MAX_TIMED (or CANDIDATE_SECONDS) however its first steps
+    compare. An eager one is still stopped at MIN_TIMED."""
+    clock = Clock()
+    make, made, deadline = fake_plans(clock, {B.name: 0.020, C.name: 0.030, MODEL.name: 0.030}, {MODEL.name: 5.0})
+    ms = P.probe([B, C, MODEL], make, 4000, clock=clock, deadline=deadline)
+    assert ms[C.name].status == "stopped" and ms[C.name].timed == P.MIN_TIMED
+    assert ms[MODEL.name].status == "measured" and ms[MODEL.name].timed == P.MAX_TIMED
+    assert P.decide(ms, [B, C, MODEL], 4000) == B
 
 
 def test_choose_caches_and_the_next_run_decides_without_probing(monkeypatch, tmp_path):
