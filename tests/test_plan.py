@@ -241,6 +241,36 @@ def test_a_compiled_candidate_is_timed_in_full_though_its_first_steps_lose():
     assert P.decide(ms, [B, C, MODEL], 4000) == B
 
 
+def test_a_candidate_s_step_is_the_median_of_its_faster_half_so_a_slow_start_does_not_misjudge_it():
+    """The 24th session's trace of the digits' whole-model compile after its warm-up calls: three slow
+    steps, then the steady rate. The median of all eight reads 45.6 ms, of the first three 52 ms; the
+    faster half's median is the steady ~45 ms. In a probe, a compiled plan whose first timed steps run
+    slow is still ranked ahead of one steadily a little slower."""
+    trace = [0.052, 0.0574, 0.0491, 0.0437, 0.0454, 0.0449, 0.0455, 0.0457]
+    assert P.steady(trace) == pytest.approx((0.0449 + 0.0454) / 2)
+    assert P.steady([0.03]) == 0.03 and P.steady([0.05, 0.03, 0.04]) == pytest.approx(0.035)
+    clock = Clock()
+
+    class SlowStart:
+        def __init__(self, name, step_s, slow):
+            self.name, self.step_s, self.calls, self.slow = name, step_s, 0, slow
+
+        def run(self):
+            self.calls += 1
+            clock.t += self.step_s * (1.25 if self.calls <= self.slow else 1.0)
+
+        def failed(self):
+            return None
+
+        def close(self):
+            pass
+
+    handles = {BLOCKS.name: (0.0461, 0), MODEL.name: (0.043, 6)}  # 2 warm-up calls, then 4 slow timed steps of 8
+    ms = P.probe([BLOCKS, MODEL], lambda p: SlowStart(p.name, *handles[p.name]), 4000, clock=clock,
+                 deadline=lambda s: contextlib.nullcontext())
+    assert ms[MODEL.name].step_s == pytest.approx(0.043) and P.decide(ms, [BLOCKS, MODEL], 4000) == MODEL
+
+
 def test_choose_caches_and_the_next_run_decides_without_probing(monkeypatch, tmp_path):
     costs = {A.name: 0.030, B.name: 0.020, BLOCKS.name: 0.012, BLOCKS_M.name: 0.014, BLOCKS_O.name: 0.013}
     compile_s = {BLOCKS.name: 6.0, BLOCKS_M.name: 6.0, BLOCKS_O.name: 6.0}

@@ -16,8 +16,9 @@ keeps dits.speed's rule for it.
 
 With ``--plan auto`` (the default) and ``--compile auto``, :func:`choose` times the candidate
 plans on the run's own model, batch, dtype and device, on copies of the model and optimiser and
-the run's first batch (:func:`probe`): a few steps each, a candidate stopped as soon as it cannot
-win, compile candidates held to a deadline. It picks the plan with the least total time *for this
+the run's first batch (:func:`probe`): a few steps each, an eager candidate stopped as soon as it
+cannot win, compile candidates held to a deadline and then timed in full, the best two timed again
+where they are close (:func:`second_look`). It picks the plan with the least total time *for this
 run's length*, compile time included, and prints one line. The compile a run pays is the one after
 the probe, with inductor's caches filled by it; where that decides between plans, the probe times
 it too (``recompile_s``). The measurements are cached per
@@ -68,8 +69,9 @@ FORMAT = 9                 # of the cache entries; a change makes old entries in
                            # GEMMs are slow, +widen / +native;
                            # 7: the oneDNN graph op's input gradient takes Wᵀ as a view, no copy;
                            # 8: a whole-model compile takes the objective's loss into the graph;
-                           # 9: compiled candidates are timed in full, and the second look ranks
-                           # them by their warm compile and charges the warm compile it times)
+                           # 9: compiled candidates are timed in full, a step is the median of the
+                           # faster half of the timed ones, and the second look ranks a compiled plan
+                           # by its warm compile and charges the warm compile it times)
 
 # The probe. Every candidate costs about WARMUP + TIMED steps (plus a compile); a run shorter than
 # MIN_PROBE_STEPS would spend a noticeable share of itself measuring (4 eager candidates x ~10
@@ -375,12 +377,21 @@ def alarm(seconds: float | None):
         raise ProbeDeadline()
 
 
+def steady(times: list[float]) -> float:
+    """A candidate's step time from its timed steps: the median of the faster half. Noise on a shared
+    machine and the first steps after a compile only ever add time: the digits' whole-model compile
+    ran its first three timed steps at 52-57 ms and the rest at 43-46 (Zen 4, 24th session), so the
+    median of three read it 18 % slow."""
+    fast = sorted(times)[: max(1, (len(times) + 1) // 2)]
+    return statistics.median(fast)
+
+
 def measure(plan: Plan, make_step: Callable, steps: int, best_total: float | None = None,
             allowed_s: float | None = None, clock: Callable[[], float] = time.perf_counter,
             deadline=alarm) -> Measurement:
     """Time ``plan``: build its step (``make_step(plan)`` -> an object with ``run()``, ``close()``
     and ``failed()``), a warm-up call (with the compile for a compiled plan), then up to MAX_TIMED
-    timed calls. Stops as soon as the plan cannot beat ``best_total`` for a run of ``steps``.
+    timed calls. An eager plan stops as soon as it cannot beat ``best_total`` for a run of ``steps``.
     A compiled plan whose steps beat ``best_total`` but whose first compile makes it lose is
     built and compiled once more (:func:`recompile`): the run after the probe pays that compile."""
     compiled = plan.compile is not None
@@ -411,13 +422,13 @@ def measure(plan: Plan, make_step: Callable, steps: int, best_total: float | Non
             # which its remaining timed steps cost little (digits: 5 steps of 50 ms after a 22 s
             # compile), and three steps right after a compile misjudged the whole-model compile of the
             # digits by 18 % on a Zen 4 (docs/performance.md, 24th session).
-            s = statistics.median(times)
+            s = steady(times)
             if not compiled and best_total is not None and steps * s > best_total * (1 + NOISE_MARGIN):
                 status = "stopped"
                 break
             if clock() - t_begin > CANDIDATE_SECONDS:
                 break
-        s = statistics.median(times)
+        s = steady(times)
         m = Measurement(plan.name, status, step_s=s, compile_s=max(first - s, 0.0) if compiled else 0.0,
                         timed=len(times))
     except ProbeDeadline:
