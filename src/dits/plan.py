@@ -584,11 +584,12 @@ def second_look(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
     names = [p.name for p in plans]
 
     def hopeful(m: Measurement) -> float | None:
-        if m.status not in ("measured", "stopped") or m.step_s is None or m.timed < MIN_TIMED:
+        if m.total(steps) is None or m.timed < MIN_TIMED:
             return None
         return steps * m.step_s + (m.recompile_s or 0.0)  # eager: none; compiled: warm, where known
 
-    ranked = sorted((hopeful(ms[n]), n) for n in names if n in ms and hopeful(ms[n]) is not None)
+    hopes = {n: hopeful(ms[n]) for n in names if n in ms}
+    ranked = sorted((h, n) for n, h in hopes.items() if h is not None)
     if len(ranked) < 2 or ranked[1][0] > ranked[0][0] * (1 + RECHECK_MARGIN):
         return ms
     ms = dict(ms)
