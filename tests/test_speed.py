@@ -529,6 +529,37 @@ def test_mfu_divides_by_the_higher_of_the_peaks_measured_before_and_after(capsys
     assert mfu and all(float(m) < 0.1 for m in mfu), io.out
 
 
+def test_a_cpu_half_precision_peak_is_the_faster_of_its_kernels_and_fp32s(monkeypatch):
+    """On a CPU without half arithmetic dits' widened bf16 GEMMs run at fp32's rate: MFU against the
+    bf16 kernel alone read 250 % on a Zen 3, whose native kernel is then not timed at all (~25 s
+    there). With half arithmetic the faster of the two counts; fp32 and CUDA keep their own dtype's."""
+    import dits.speed
+    from dits.bench import speed as bench_speed
+
+    rates = {torch.float32: 100e9, torch.bfloat16: 2e9, torch.float16: 1e9}
+    asked = []
+
+    def fake_peak(device, dtype, clock="wall", **kw):
+        asked.append((device.type, dtype))
+        return rates[dtype] * (10 if device.type == "cuda" else 1)
+
+    monkeypatch.setattr(bench_speed, "matmul_peak", fake_peak)
+    setup = lambda precision, device="cpu": bench_speed.Setup(precision=precision, device=device)  # noqa: E731
+    monkeypatch.setattr(dits.speed, "half_gemms_slow", lambda dtype: True)
+    assert bench_speed.peak_for(setup("bf16"), "wall") == 100e9
+    assert (("cpu", torch.bfloat16) not in asked), asked
+    assert bench_speed.peak_for(setup("fp16"), "wall") == 100e9
+    assert bench_speed.peak_for(setup("fp32"), "wall") == 100e9
+    # a CPU with bf16 arithmetic: its own kernel, where faster than fp32's
+    monkeypatch.setattr(dits.speed, "half_gemms_slow", lambda dtype: False)
+    assert bench_speed.peak_for(setup("bf16"), "wall") == 100e9
+    rates[torch.bfloat16] = 400e9
+    assert bench_speed.peak_for(setup("bf16"), "wall") == 400e9
+    asked.clear()
+    assert bench_speed.peak_for(setup("bf16", "cuda"), "wall") == 4000e9
+    assert asked == [("cuda", torch.bfloat16)]
+
+
 def test_the_speed_up_line_gives_the_ratio_round_by_round_too():
     """Ratio of medians, then the per-round ratios' median and range (a load that drifts between
     rounds moves both contenders of a round alike). Hand-made timings: rounds 1.5x, 1.0x, 3.0x."""
