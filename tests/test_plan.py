@@ -107,25 +107,59 @@ def test_compile_time_counts_for_the_run_length_and_a_slow_compile_meets_its_dea
     make, made, deadline = fake_plans(clock, {B.name: 0.020, BLOCKS.name: 0.015, MODEL.name: 0.012},
                                       {BLOCKS.name: 6.0, MODEL.name: 30.0})
     plans = [B, BLOCKS, MODEL]
-    # 1,000 steps of 20 ms: compile candidates may take BUDGET_FRACTION (25 %) of the 20 s run, 5 s;
-    # both compiles (6 s, 30 s) are cut there
+    # 1,000 steps of 20 ms: the compile candidates, all together, may take BUDGET_FRACTION (25 %) of
+    # the 20 s run, 5 s; the per-block compile (6 s) is cut there, and the whole-model one not started
     b1, b4 = P.BUDGET_FRACTION * 20.0, P.BUDGET_FRACTION * 80.0
     assert b1 < 6.0 < b4 < 30.0   # the fake compile times below sit on either side of both budgets
     ms = P.probe(plans, make, 1000, clock=clock, deadline=deadline)
     assert [ms[p.name].status for p in plans] == ["measured", "bound", "bound"]
-    assert ms[MODEL.name].allowed_s == pytest.approx(b1) and ms[MODEL.name].bound_s == pytest.approx(b1)
-    assert P.decide(ms, plans, 1000) == B and clock.t < 2 * b1 + 1
+    assert ms[BLOCKS.name].allowed_s == pytest.approx(b1) and ms[BLOCKS.name].bound_s == pytest.approx(b1)
+    assert ms[MODEL.name].allowed_s == pytest.approx(b1) and ms[MODEL.name].bound_s == 0.0
+    assert made == [B.name, BLOCKS.name]
+    eager_s = clock.t - b1
+    assert P.decide(ms, plans, 1000) == B and eager_s < 1
+    assert "compile-model+mkl+sdpa not compiled (the probe's compile budget was spent)" in P.describe(B, ms, plans, 1000)
     assert P.unsettled(ms, plans, 1000) == []         # the same run again: nothing to measure
     # 4,000 steps allow 20 s: the per-block compile (6 s) is measured and wins (6 s + 60 s < 80 s) ...
     todo = P.unsettled(ms, plans, 4000)
     assert todo == [BLOCKS, MODEL]
+    t0 = clock.t
     ms = P.probe(plans, make, 4000, {k: v for k, v in ms.items() if k not in {p.name for p in todo}},
                  clock=clock, deadline=deadline)
     assert P.decide(ms, plans, 4000) == BLOCKS and ms[BLOCKS.name].compile_s == pytest.approx(6.0)
-    assert ms[MODEL.name].status == "bound" and ms[MODEL.name].bound_s == pytest.approx(b4)
+    # ... and the whole-model compile has what the per-block one left of the 20 s, which it was cut at
+    assert ms[MODEL.name].status == "bound" and ms[MODEL.name].allowed_s == pytest.approx(b4)
+    assert clock.t - t0 == pytest.approx(b4) and 6.0 < b4 - ms[MODEL.name].bound_s < 7.0
     # ... and the whole-model compile stays settled for runs that would not allow it more than it had
     assert P.unsettled(ms, plans, 2000) == [] and P.unsettled(ms, plans, 4000) == []
     assert P.unsettled(ms, plans, 8000) == [MODEL]
+
+
+def test_the_compile_candidates_share_one_budget_so_the_probe_stays_a_fraction_of_the_run(monkeypatch, tmp_path):
+    """The digits demo on a Zen 3 (25th session): 2,500 steps, eager 80 ms/step (a 200 s run); four
+    cold compiles of 23-36 s, each under a budget of its own (50 s), had made a 153 s probe. Now
+    they share the 50 s: the per-block compile (29 s) is measured, the whole-model one is cut short
+    where the budget runs out, the other kernels' variants are not started; the same run again
+    decides from the cache, and a longer run (a larger budget) probes what was cut short."""
+    costs = {A.name: 0.085, B.name: 0.080, BLOCKS.name: 0.0736, MODEL.name: 0.0715, MODEL_M.name: 0.080,
+             MODEL_O.name: 0.076, BLOCKS_M.name: 0.080, BLOCKS_O.name: 0.076}
+    cold = {BLOCKS.name: 29.0, MODEL.name: 36.0, MODEL_M.name: 23.0, MODEL_O.name: 30.0, BLOCKS_M.name: 23.0,
+            BLOCKS_O.name: 30.0}
+    warm = {BLOCKS.name: 0.4, MODEL.name: 1.6}
+    run = dict(compile_s=cold, eager=(A, B), compiled=[BLOCKS, MODEL], recompile_s=warm)
+    choice, made = _choose(monkeypatch, tmp_path, 2500, costs, **run)
+    budget = P.BUDGET_FRACTION * 2500 * 0.085  # a quarter of the run at the rules' eager step (A)
+    spent = float(choice.line.rsplit("measured in ", 1)[1].split(" s")[0])
+    assert spent <= budget + 3, choice.line  # + the eager candidates' few steps; each had its own: ~120 s
+    assert choice.plan == BLOCKS and made.count(MODEL.name) == 1, (choice.line, made)
+    assert not {BLOCKS_M.name, BLOCKS_O.name} & set(made), made
+    ms = choice.measurements
+    assert ms[MODEL.name].status == "bound" and 0 < ms[MODEL.name].bound_s < cold[MODEL.name]
+    assert ms[BLOCKS_M.name].status == ms[BLOCKS_O.name].status == "bound" and ms[BLOCKS_O.name].bound_s == 0
+    again, made = _choose(monkeypatch, tmp_path, 2500, costs, **run)
+    assert made == [] and again.plan == BLOCKS and again.line.endswith("from the plan cache"), again.line
+    longer, made = _choose(monkeypatch, tmp_path, 8000, costs, **run)   # 170 s of budget
+    assert MODEL.name in made and longer.plan == MODEL, (longer.line, made)
 
 
 def test_a_compiled_plan_that_loses_only_by_its_first_compile_is_charged_its_warm_recompile():
@@ -314,9 +348,10 @@ def test_the_best_compiled_plan_is_also_tried_with_the_other_gemm_backend(monkey
     # compiled plans keep MKL): the winning mode is tried with oneDNN, and that plan is taken
     costs = {A.name: 0.021, B.name: 0.020, BLOCKS.name: 0.015, MODEL.name: 0.012, MODEL_M.name: 0.0125,
              MODEL_O.name: 0.007}
-    compile_s = {BLOCKS.name: 2.0, MODEL.name: 5.0, MODEL_M.name: 5.0, MODEL_O.name: 5.0}
+    compile_s = {BLOCKS.name: 2.0, MODEL.name: 3.0, MODEL_M.name: 3.0, MODEL_O.name: 3.0}
     choice, made = _choose(monkeypatch, tmp_path, 4000, costs, compile_s, compiled=[BLOCKS, MODEL])
-    # MODEL_M's steps (50 s) beat MODEL's total (53 s), its total (55 s) does not: compiled twice
+    # MODEL_M's steps (50 s) beat MODEL's total (51 s), its total (53 s) does not: compiled twice.
+    # All five compiles (14 s) fit the probe's compile budget, a quarter of the 80 s eager run
     assert made == [A.name, B.name, BLOCKS.name, MODEL.name, MODEL_M.name, MODEL_M.name, MODEL_O.name], made
     assert choice.plan == MODEL_O and choice.line.startswith("plan compile-model+onednn+sdpa, 7.0 ms/step"), choice.line
     assert P.other_gemm(MODEL_O) == MODEL and P.other_gemm(MODEL) == MODEL_O and P.other_gemm(P.Plan("eager")) is None
@@ -353,7 +388,7 @@ def test_a_compiled_plan_charged_cold_is_charged_warm_once_a_rival_charged_warm_
     # cold when measured, then compile-model+onednn (65.3 ms + 27 s cold) lost by its compile and was
     # charged its warm one (0.9 s), 262 s against 264 s; the mkl plan, 236 s warm, is the faster run
     costs = {A.name: 0.080, B.name: 0.0757, MODEL.name: 0.0589, MODEL_M.name: 0.070, MODEL_O.name: 0.0653}
-    cold = {MODEL.name: 28.0, MODEL_M.name: 28.0, MODEL_O.name: 27.0}
+    cold = {MODEL.name: 28.0, MODEL_M.name: 10.0, MODEL_O.name: 27.0}  # 65 s: within the compile budget (80 s)
     warm = {MODEL.name: 1.0, MODEL_O.name: 0.9}
     choice, made = _choose(monkeypatch, tmp_path, 4000, costs, cold, compiled=[MODEL], recompile_s=warm)
     assert choice.plan == MODEL, choice.line

@@ -17,7 +17,8 @@ keeps dits.speed's rule for it.
 With ``--plan auto`` (the default) and ``--compile auto``, :func:`choose` times the candidate
 plans on the run's own model, batch, dtype and device, on copies of the model and optimiser and
 the run's first batch (:func:`probe`): a few steps each, an eager candidate stopped as soon as it
-cannot win, compile candidates held to a deadline and then timed in full, the best two timed again
+cannot win, compile candidates held to a deadline (one budget for all of them, a quarter of the
+run's estimated time) and then timed in full, the best two timed again
 where they are close (:func:`second_look`). It picks the plan with the least total time *for this
 run's length*, compile time included, and prints one line. The compile a run pays is the one after
 the probe, with inductor's caches filled by it; where that decides between plans, the probe times
@@ -85,8 +86,9 @@ HOPELESS = 2.0                   # an eager candidate whose warm-up call alone i
 RECHECK_MARGIN = 0.25            # the runner-up within this much of the best in total: both timed again
                                  # (three to eight steps on a shared machine misjudge a plan by 10-25 %)
 SWITCH_MARGIN = 0.02             # another plan replaces the rules' plan only when this much faster in total
-BUDGET_FRACTION = 0.25           # compile candidates may use this share of the run's estimated time ...
-BUDGET_MAX_S = 600.0             # ... and never more than this
+BUDGET_FRACTION = 0.25           # the compile candidates, all together, may use this share of the run's
+BUDGET_MAX_S = 600.0             # estimated time, and never more than this
+MIN_COMPILE_S = 1.0              # a compile candidate with less than this left of the budget is not started
 
 
 # ----------------------------------------------------------------------------- plans
@@ -469,8 +471,24 @@ def recompile(plan: Plan, make_step: Callable, step_s: float, allowed_s: float |
 
 
 def budget(steps: int, step_s: float) -> float:
-    """How long compile candidates may take to probe, for a run of ``steps`` at ``step_s``."""
+    """How long the compile candidates may take to probe, all together, for a run of ``steps`` at ``step_s``."""
     return min(BUDGET_FRACTION * steps * step_s, BUDGET_MAX_S)
+
+
+@dataclass
+class CompileBudget:
+    """What the compile candidates of one probe may still spend: one allowance for all of them. Each
+    had had a budget of its own, so four cold compiles could cost the whole run's length again: the
+    digits demo's 2,500 steps on a Zen 3 (~3 min) were preceded by a 153 s probe, four cold compiles of
+    23-36 s (docs/performance.md, 25th session). A candidate is cut short where the allowance runs
+    out, and one that finds less than MIN_COMPILE_S left is not started (both recorded as "bound")."""
+    total: float
+    left: float
+
+    @classmethod
+    def for_run(cls, steps: int, base: Measurement | None) -> "CompileBudget":
+        seconds = budget(steps, base.step_s) if base and base.step_s else BUDGET_MAX_S
+        return cls(seconds, seconds)
 
 
 def best(ms: dict[str, Measurement], names, steps: int) -> tuple[str | None, float | None]:
@@ -524,20 +542,30 @@ def unsettled(ms: dict[str, Measurement], plans: list[Plan], steps: int) -> list
 
 
 def probe(plans: list[Plan], make_step: Callable, steps: int, known: dict[str, Measurement] | None = None, *,
-          clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
+          clock: Callable[[], float] = time.perf_counter, deadline=alarm,
+          account: CompileBudget | None = None) -> dict[str, Measurement]:
     """Measure the ``plans`` not in ``known``, in order (the first is the baseline: the rules'
-    plan), each against the best total so far; returns ``known`` with the new measurements."""
+    plan), each against the best total so far; returns ``known`` with the new measurements. The
+    compile candidates draw on one ``account`` (:class:`CompileBudget`; by default this call's own,
+    BUDGET_FRACTION of the run at the baseline's step)."""
     ms = dict(known or {})
     for p in plans:
         if p.name in ms:
             continue
         _, top = best(ms, [q.name for q in plans], steps)
-        allowed = None
-        if p.compile:
-            base = ms.get(plans[0].name)
-            allowed = min(top if top is not None else math.inf,
-                          budget(steps, base.step_s) if base and base.step_s else BUDGET_MAX_S)
-        ms[p.name] = measure(p, make_step, steps, top, allowed, clock, deadline)
+        if not p.compile:
+            ms[p.name] = measure(p, make_step, steps, top, None, clock, deadline)
+            continue
+        account = account or CompileBudget.for_run(steps, ms.get(plans[0].name))
+        cap = top if top is not None else math.inf
+        allowed = min(cap, account.total)  # what it is recorded as allowed: a longer run may allow it more
+        if account.left < MIN_COMPILE_S:
+            ms[p.name] = Measurement(p.name, "bound", allowed_s=allowed, note="the probe's compile budget was spent")
+            continue
+        t = clock()
+        m = measure(p, make_step, steps, top, min(cap, account.left), clock, deadline)
+        account.left -= clock() - t
+        ms[p.name] = replace(m, allowed_s=allowed) if m.status == "bound" else m
     return ms
 
 
@@ -645,8 +673,9 @@ def describe(chosen: Plan, ms: dict[str, Measurement], plans: list[Plan], steps:
             others.append(f"{p.name} would be {r.step_s * 1e3:.1f} ms" + (f" + {compile_cost(r)}" if p.compile else ""))
         elif mode != "eager":
             r = max((ms[p.name] for p in rivals), key=lambda r: r.bound_s)
-            others.append(f"{rivals[0].name} " + (f"failed ({r.note})" if r.status == "failed"
-                                                  else f"> {r.bound_s:.0f} s to compile"))
+            others.append(f"{r.plan} " + (f"failed ({r.note})" if r.status == "failed"
+                                                  else f"> {r.bound_s:.0f} s to compile" if r.bound_s > 0
+                                                  else "not compiled (the probe's compile budget was spent)"))
     return head + ("; " + ", ".join(others) if others else "") + f" (for {steps:,} {unit}s)"
 
 
@@ -776,9 +805,11 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
         def drop(names):
             return {k: v for k, v in ms.items() if k not in {p.name for p in names}}
         ms = probe(eager, make_step, steps, drop(todo), clock=clock, deadline=deadline)      # the eager plans
+        account = CompileBudget.for_run(steps, ms.get(eager[0].name))  # one budget for all compiles
         for _ in range(2):  # compiled on the best eager one, then the best compiled one's other kernels
             plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)
-            ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline)
+            ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline,
+                       account=account)
         ms = charge_warm(ms, plans, make_step, steps, clock=clock, deadline=deadline)
         ms = second_look(ms, plans, make_step, steps, clock=clock, deadline=deadline)
         probed = True
