@@ -579,7 +579,7 @@ def charge_warm(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
     + 28 s cold lost to compile-model+onednn 65.3 ms + 0.9 s warm, which was 10 % slower for 4,000 steps)."""
     ms = dict(ms)
     names = [p.name for p in plans]
-    base = ms.get(names[0])
+    whole = CompileBudget.for_run(steps, ms.get(names[0])).total
     for _ in range(len(plans)):
         changed = False
         for p in plans:
@@ -587,7 +587,7 @@ def charge_warm(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
             if (not p.compile or m is None or m.status != "measured" or m.recompile_s is not None
                     or top is None or not steps * m.step_s < top < m.total(steps)):
                 continue
-            allowed = min(top, budget(steps, base.step_s) if base and base.step_s else BUDGET_MAX_S)
+            allowed = min(top, whole)
             warm = recompile(p, make_step, m.step_s, allowed, clock, deadline)
             if warm is not None:
                 ms[p.name], changed = replace(m, recompile_s=warm), True
@@ -674,8 +674,8 @@ def describe(chosen: Plan, ms: dict[str, Measurement], plans: list[Plan], steps:
         elif mode != "eager":
             r = max((ms[p.name] for p in rivals), key=lambda r: r.bound_s)
             others.append(f"{r.plan} " + (f"failed ({r.note})" if r.status == "failed"
-                                                  else f"> {r.bound_s:.0f} s to compile" if r.bound_s > 0
-                                                  else "not compiled (the probe's compile budget was spent)"))
+                                          else f"> {r.bound_s:.0f} s to compile" if r.bound_s > 0
+                                          else "not compiled (the probe's compile budget was spent)"))
     return head + ("; " + ", ".join(others) if others else "") + f" (for {steps:,} {unit}s)"
 
 
