@@ -85,6 +85,7 @@ HOPELESS = 2.0                   # an eager candidate whose warm-up call alone i
                                  # total is stopped there (a native bf16 DiT-S/2 step on an AVX2 CPU: ~40 s)
 RECHECK_MARGIN = 0.25            # the runner-up within this much of the best in total: both timed again
                                  # (three to eight steps on a shared machine misjudge a plan by 10-25 %)
+TIE_MARGIN = 0.05                # eager plans this close are a tie for the kernels of the compiled ones (graph_kernels)
 SWITCH_MARGIN = 0.02             # another plan replaces the rules' plan only when this much faster in total
 BUDGET_FRACTION = 0.25           # the compile candidates, all together, may use this share of the run's
 BUDGET_MAX_S = 600.0             # estimated time, and never more than this
@@ -499,29 +500,69 @@ def best(ms: dict[str, Measurement], names, steps: int) -> tuple[str | None, flo
     return n, totals[n]
 
 
+def graph_kernels(ms: dict[str, Measurement], eager: list[Plan]) -> Plan:
+    """The eager plan whose kernels the compiled candidates start from: among the eager plans
+    within TIE_MARGIN of the fastest, the one with most of the kernels the compiler plans itself
+    (MKL's GEMMs, ``F.linear``; the math attention, whose scale and softmax inductor fuses), then
+    the fastest. A tie in eager code says nothing of a graph: on a Zen 3, eager+onednn+sdpa
+    96.6 ms, eager+mkl+math 100.3 ms, and compiled the MKL/math plans ran 72-83 ms against
+    oneDNN/SDPA's 102-117 (docs/performance.md, 26th session). The rules' plan where none is timed."""
+    timed = [(ms[p.name].step_s, p) for p in eager
+             if p.name in ms and ms[p.name].status in ("measured", "stopped") and ms[p.name].step_s is not None]
+    if not timed:
+        return eager[0]
+    fastest = min(t for t, _ in timed)
+    tied = [(t, p) for t, p in timed if t <= fastest * (1 + TIE_MARGIN)]
+    return min(tied, key=lambda tp: (-((tp[1].gemm == "mkl") + (tp[1].attention == "math")), tp[0]))[1]
+
+
 def candidates_for(ms: dict[str, Measurement], eager: list[Plan], device, compile_ok: bool, steps: int,
                    has_blocks: bool = True) -> list[Plan]:
-    """The eager plans, then (if compiling is allowed) the compiled plans built on the fastest eager
-    one as measured in ``ms`` (None yet: the rules' kernels); compile-blocks only for a model with
-    transformer ``blocks``."""
+    """The eager plans, then (if compiling is allowed) the compiled ones, in three stages, each
+    built on what ``ms`` has measured of the one before (so the list grows as the probe goes):
+
+    1. the per-block compile (the cheapest compile: one block graph) with the eager kernels of
+       :func:`graph_kernels` (the fastest eager plan's, or the compiler's own where eager is a
+       tie), and with the other fp32 GEMM backend;
+    2. the whole-model compile, with the GEMMs that won stage 1;
+    3. the best compiled plan with the other attention kernel.
+
+    Where the model has no transformer ``blocks`` (stage 1 is empty), the whole-model compile with
+    the eager kernels is tried, then the best one with the other attention kernel and GEMMs."""
     plans = list(eager)
-    if compile_ok:
-        name, _ = best(ms, [p.name for p in eager], steps)
-        like = next((p for p in eager if p.name == name), eager[0])
-        compiled = [p for p in compile_candidates(device, like) if has_blocks or p.mode != "compile-blocks"]
-        plans += compiled
-        # Inside a compiled graph the attention kernels rank otherwise than in eager: inductor fuses
-        # the math attention's scale and softmax into the kernels around them, SDPA stays one opaque
-        # call. DiT-S/2 bf16 on an AMX Xeon: eager sdpa/math within 2 %, compiled 813 vs 608 ms/step
-        # (docs/performance.md). So the best compiled plan is also tried with the other kernel: one
-        # more compile, once its mode is known to win among the compiled ones.
-        # The GEMMs too: oneDNN's fp32 GEMMs run 2x MKL's on one CPU (AMX Xeon, Zen 5) and 0.9x on
-        # another (Zen 4), and in a graph oneDNN is one opaque op where inductor would otherwise
-        # plan the GEMM itself; one more compile settles it for this machine.
-        top, _ = best(ms, [p.name for p in compiled], steps)
-        if top:
-            winner = next(p for p in compiled if p.name == top)
-            plans += [q for q in (other_attention(winner), other_gemm(winner)) if q is not None and q not in plans]
+    if not compile_ok:
+        return plans
+    like = graph_kernels(ms, eager)
+    compiled = [p for p in compile_candidates(device, like) if has_blocks or p.mode != "compile-blocks"]
+    # The GEMMs inside a graph rank otherwise than in eager code: inductor plans around its own
+    # (MKL) GEMM calls, a oneDNN linear stays one opaque op. On a Zen 3 eager oneDNN and MKL ran
+    # within noise (96.6 against 100.3 ms) while compiled, MKL's per-block plan took ~83 ms and
+    # oneDNN's 112.7; with the compiled candidates built on the eager winner's oneDNN and the MKL
+    # variant tried last, the shared compile budget ran out first and the run took 0.83x the
+    # official step (docs/performance.md, 26th session). So the GEMMs are settled on the cheapest
+    # compile, before the whole model is compiled once with the winner's. On CPUs where oneDNN's
+    # GEMMs are ~2x MKL's (Zen 5, AMX Xeon) both stages keep oneDNN.
+    stage1 = [p for p in compiled if p.mode == "compile-blocks"]
+    stage1 += [q for q in map(other_gemm, stage1) if q is not None and q not in compiled]
+    plans += stage1
+    if any(p.name not in ms for p in stage1):
+        return plans  # stage 2 waits for stage 1's measurements
+    g_name, _ = best(ms, [p.name for p in stage1], steps)
+    gemm = next((p.gemm for p in stage1 if p.name == g_name), None)
+    later = [p if gemm is None else Plan(p.mode, gemm, p.attention) for p in compiled if p.mode != "compile-blocks"]
+    plans += later
+    done = stage1 + later
+    if any(p.name not in ms for p in later):
+        return plans
+    # Inside a compiled graph the attention kernels rank otherwise than in eager too: inductor fuses
+    # the math attention's scale and softmax into the kernels around them, SDPA stays one opaque
+    # call. DiT-S/2 bf16 on an AMX Xeon: eager sdpa/math within 2 %, compiled 813 vs 608 ms/step
+    # (docs/performance.md). So the best compiled plan is also tried with the other kernel.
+    top, _ = best(ms, [p.name for p in done], steps)
+    if top:
+        winner = next(p for p in done if p.name == top)
+        others = [other_attention(winner)] + ([] if stage1 else [other_gemm(winner)])
+        plans += [q for q in others if q is not None and q not in plans]
     return plans
 
 
@@ -594,6 +635,62 @@ def charge_warm(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
         if not changed:
             break
     return ms
+
+
+SIDE_BY_SIDE = "timed side by side with "  # the note of a stage-1 pair settled by side_by_side
+
+
+def side_by_side(ms: dict[str, Measurement], pair: list[Plan], make_step: Callable, steps: int, *,
+                 clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
+    """Time the two plans of ``pair`` again, their steps alternated (A, B, A, B, ...), where both are
+    measured and lie within RECHECK_MARGIN of each other in total, and take these figures for both.
+    Timed one after the other, a few steps each, the two per-block compiles of the Zen 3's digits
+    (26th session) read 87.5 ms (oneDNN) against 105.2 ms (MKL), where forty steps each put them at
+    104 and 89: that machine's step time drifts by 15 % within a minute. Alternated, a drift moves
+    both alike. Done once per pair: the note records it (and the cache keeps it)."""
+    if len(pair) != 2 or any(ms.get(p.name) is None or ms[p.name].status != "measured" for p in pair):
+        return ms
+    a, b = (ms[p.name] for p in pair)
+    if SIDE_BY_SIDE in a.note or a.total(steps) is None or b.total(steps) is None:
+        return ms
+    lo, hi = sorted((a.total(steps), b.total(steps)))
+    if hi > lo * (1 + RECHECK_MARGIN):
+        return ms
+    handles, times = [], {p.name: [] for p in pair}
+    try:
+        with deadline(None):
+            for p in pair:
+                h = make_step(p)
+                handles.append(h)
+                h.run()   # warm-up: the compile again, warm (inductor's caches hold both graphs)
+                h.run()
+                if h.failed():
+                    return ms
+            t_begin = clock()
+            while min(len(v) for v in times.values()) < MAX_TIMED:
+                for p, h in zip(pair, handles):
+                    t = clock()
+                    h.run()
+                    times[p.name].append(clock() - t)
+                if min(len(v) for v in times.values()) >= MIN_TIMED and clock() - t_begin > 2 * CANDIDATE_SECONDS:
+                    break
+    except Exception:  # noqa: BLE001 - out of memory with two copies, ...: the first figures stand
+        return ms
+    finally:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                h.close()
+    ms = dict(ms)
+    for p, other in zip(pair, reversed(pair)):
+        m = ms[p.name]
+        ms[p.name] = replace(m, step_s=steady(times[p.name]), timed=len(times[p.name]),
+                             note=(m.note + "; " if m.note else "") + SIDE_BY_SIDE + other.name)
+    return ms
+
+
+def stage1_pair(plans: list[Plan]) -> list[Plan]:
+    """The per-block compiles of :func:`candidates_for`'s first stage (the two GEMM backends)."""
+    return [p for p in plans if p.mode == "compile-blocks"][:2]
 
 
 def second_look(ms: dict[str, Measurement], plans: list[Plan], make_step: Callable, steps: int, *,
@@ -806,10 +903,13 @@ def choose(request: str, *, compile_mode: str, device: torch.device, precision: 
             return {k: v for k, v in ms.items() if k not in {p.name for p in names}}
         ms = probe(eager, make_step, steps, drop(todo), clock=clock, deadline=deadline)      # the eager plans
         account = CompileBudget.for_run(steps, ms.get(eager[0].name))  # one budget for all compiles
-        for _ in range(2):  # compiled on the best eager one, then the best compiled one's other kernels
+        for _ in range(4):  # the compiled stages of candidates_for, each on the measurements of the last
             plans = candidates_for(ms, eager, device, compile_ok, steps, has_blocks)
-            ms = probe(plans, make_step, steps, drop(unsettled(ms, plans, steps)), clock=clock, deadline=deadline,
-                       account=account)
+            todo = unsettled(ms, plans, steps)
+            if not todo:
+                break
+            ms = probe(plans, make_step, steps, drop(todo), clock=clock, deadline=deadline, account=account)
+            ms = side_by_side(ms, stage1_pair(plans), make_step, steps, clock=clock, deadline=deadline)
         ms = charge_warm(ms, plans, make_step, steps, clock=clock, deadline=deadline)
         ms = second_look(ms, plans, make_step, steps, clock=clock, deadline=deadline)
         probed = True
