@@ -237,6 +237,24 @@ def test_a_second_look_times_the_best_two_again_where_they_are_close_and_keeps_t
     assert P.second_look(far, [A, B], make, 4000, clock=clock, deadline=deadline) == far and made == []
 
 
+def test_the_second_look_takes_the_alternated_figures_so_a_lucky_first_timing_does_not_win():
+    """The Zen 3 (26th session): the eager plan read 80.3 ms in a fast moment (it runs ~100) and kept
+    that figure, ahead of the whole-model compile's 81.9 ms + 2.1 s warm (truly ~83 ms); the run took
+    the eager plan at 1.09x the official step. Timed again alternated, both take those figures."""
+    clock = Clock()
+    make, made, deadline = fake_plans(clock, {C.name: 0.100, MODEL_M.name: 0.083}, {MODEL_M.name: 57.0},
+                                      {MODEL_M.name: 2.1})
+    made.append(MODEL_M.name)  # compiled once by the probe: inductor's caches are warm
+    lucky = {C.name: P.Measurement(C.name, "measured", step_s=0.0803, timed=8),
+             MODEL_M.name: P.Measurement(MODEL_M.name, "measured", step_s=0.0819, compile_s=57.0, timed=8,
+                                         recompile_s=2.1)}
+    plans = [C, MODEL_M]
+    assert P.decide(lucky, plans, 4000) == C
+    ms = P.second_look(lucky, plans, make, 4000, clock=clock, deadline=deadline)
+    assert ms[C.name].step_s == pytest.approx(0.100) and ms[MODEL_M.name].step_s == pytest.approx(0.083)
+    assert ms[MODEL_M.name].recompile_s == pytest.approx(2.1) and P.decide(ms, plans, 4000) == MODEL_M
+
+
 def test_a_compiled_runner_up_is_ranked_by_its_warm_compile_and_charged_the_warm_compile_it_is_retimed_with():
     """The 24th session's digits fp32 probe on a Zen 4: compile-blocks 46.1 ms/step + 0.1 s warm,
     compile-model 54.6 ms (a noisy first timing; truly 41 ms) + 22 s cold. Charged cold, the whole

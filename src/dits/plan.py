@@ -640,32 +640,24 @@ def charge_warm(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
 SIDE_BY_SIDE = "timed side by side with "  # the note of a stage-1 pair settled by side_by_side
 
 
-def side_by_side(ms: dict[str, Measurement], pair: list[Plan], make_step: Callable, steps: int, *,
-                 clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
-    """Time the two plans of ``pair`` again, their steps alternated (A, B, A, B, ...), where both are
-    measured and lie within RECHECK_MARGIN of each other in total, and take these figures for both.
-    Timed one after the other, a few steps each, the two per-block compiles of the Zen 3's digits
-    (26th session) read 87.5 ms (oneDNN) against 105.2 ms (MKL), where forty steps each put them at
-    104 and 89: that machine's step time drifts by 15 % within a minute. Alternated, a drift moves
-    both alike. Done once per pair: the note records it (and the cache keeps it)."""
-    if len(pair) != 2 or any(ms.get(p.name) is None or ms[p.name].status != "measured" for p in pair):
-        return ms
-    a, b = (ms[p.name] for p in pair)
-    if SIDE_BY_SIDE in a.note or a.total(steps) is None or b.total(steps) is None:
-        return ms
-    lo, hi = sorted((a.total(steps), b.total(steps)))
-    if hi > lo * (1 + RECHECK_MARGIN):
-        return ms
-    handles, times = [], {p.name: [] for p in pair}
+def alternate(pair: list[Plan], make_step: Callable, clock: Callable[[], float] = time.perf_counter,
+              deadline=alarm) -> dict[str, tuple[float, list[float]]] | None:
+    """Build the plans of ``pair`` (both at once), two warm-up calls each, then time their steps
+    alternated (A, B, A, B, ...; MIN_TIMED to MAX_TIMED each, about 2 x CANDIDATE_SECONDS): a drift of
+    the machine's speed moves both alike. Returns {name: (first call's seconds, timed steps)}, or
+    None where a build or a step fails (out of memory with two copies, ...)."""
+    handles, first, times = [], {}, {p.name: [] for p in pair}
     try:
         with deadline(None):
             for p in pair:
                 h = make_step(p)
                 handles.append(h)
-                h.run()   # warm-up: the compile again, warm (inductor's caches hold both graphs)
+                t = clock()
+                h.run()  # for a compiled plan, the compile again: warm, inductor's caches hold its graphs
+                first[p.name] = clock() - t
                 h.run()
                 if h.failed():
-                    return ms
+                    return None
             t_begin = clock()
             while min(len(v) for v in times.values()) < MAX_TIMED:
                 for p, h in zip(pair, handles):
@@ -674,16 +666,38 @@ def side_by_side(ms: dict[str, Measurement], pair: list[Plan], make_step: Callab
                     times[p.name].append(clock() - t)
                 if min(len(v) for v in times.values()) >= MIN_TIMED and clock() - t_begin > 2 * CANDIDATE_SECONDS:
                     break
-    except Exception:  # noqa: BLE001 - out of memory with two copies, ...: the first figures stand
-        return ms
+    except Exception:  # noqa: BLE001 - the figures measured before stand
+        return None
     finally:
         for h in handles:
             with contextlib.suppress(Exception):
                 h.close()
+    return {n: (first[n], times[n]) for n in times}
+
+
+def side_by_side(ms: dict[str, Measurement], pair: list[Plan], make_step: Callable, steps: int, *,
+                 clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
+    """Time the two plans of ``pair`` again, alternated (:func:`alternate`), where both are measured
+    and lie within RECHECK_MARGIN of each other in total, and take these figures for both. Timed
+    one after the other, a few steps each, the two per-block compiles of the Zen 3's digits (26th
+    session) read 87.5 ms (oneDNN) against 105.2 ms (MKL), where forty steps each put them at 104
+    and 89: that machine's step time drifts by 15 % within a minute. Done once per pair: the note
+    records it (and the cache keeps it)."""
+    if len(pair) != 2 or any(ms.get(p.name) is None or ms[p.name].status != "measured" for p in pair):
+        return ms
+    a, b = (ms[p.name] for p in pair)
+    if SIDE_BY_SIDE in a.note or a.total(steps) is None or b.total(steps) is None:
+        return ms
+    lo, hi = sorted((a.total(steps), b.total(steps)))
+    if hi > lo * (1 + RECHECK_MARGIN):
+        return ms
+    runs = alternate(pair, make_step, clock, deadline)
+    if runs is None:
+        return ms
     ms = dict(ms)
     for p, other in zip(pair, reversed(pair)):
-        m = ms[p.name]
-        ms[p.name] = replace(m, step_s=steady(times[p.name]), timed=len(times[p.name]),
+        m, (_, times) = ms[p.name], runs[p.name]
+        ms[p.name] = replace(m, step_s=steady(times), timed=len(times),
                              note=(m.note + "; " if m.note else "") + SIDE_BY_SIDE + other.name)
     return ms
 
@@ -696,10 +710,13 @@ def stage1_pair(plans: list[Plan]) -> list[Plan]:
 def second_look(ms: dict[str, Measurement], plans: list[Plan], make_step: Callable, steps: int, *,
                 clock: Callable[[], float] = time.perf_counter, deadline=alarm) -> dict[str, Measurement]:
     """Time the best and the runner-up once more where they lie within RECHECK_MARGIN of each other,
-    and keep each one's faster estimate (noise only ever adds time). Three to eight steps per
-    candidate, on a shared machine, misjudged one by 10-25 %: digits fp32 on a Zen 4, torch 2.15,
-    compile-model+mkl+math timed at 64.2 ms against its sdpa variant's 59.8 ms, and 1.46x against
-    1.17x the official step side by side minutes later (docs/performance.md, 22nd session).
+    their steps alternated (:func:`alternate`), and take those figures for both. Three to eight
+    steps per candidate, on a shared machine, misjudged one by 10-25 %: digits fp32 on a Zen 4,
+    torch 2.15, compile-model+mkl+math timed at 64.2 ms against its sdpa variant's 59.8 ms, and
+    1.46x against 1.17x the official step side by side minutes later (docs/performance.md, 22nd
+    session). Each had kept its faster estimate of two timings one after the other, until the
+    Zen 3's eager plan, read at 80.3 ms in a fast moment (it runs ~100-104), kept that figure and
+    beat the whole-model compile (~83 ms) for the run (26th session).
 
     The two are ranked as the run after the probe would pay them: a compiled plan by its warm
     compile, where the probe found none by its steps alone (its first compile filled inductor's
@@ -717,18 +734,18 @@ def second_look(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
     ranked = sorted((h, n) for n, h in hopes.items() if h is not None)
     if len(ranked) < 2 or ranked[1][0] > ranked[0][0] * (1 + RECHECK_MARGIN):
         return ms
+    pair = [next(p for p in plans if p.name == n) for _, n in ranked[:2]]
+    runs = alternate(pair, make_step, clock, deadline)
+    if runs is None:
+        return ms
     ms = dict(ms)
-    for _, n in ranked[:2]:
-        plan = next(p for p in plans if p.name == n)
-        again = measure(plan, make_step, steps, None, None, clock, deadline)
-        if again.step_s is None or again.status != "measured":
-            continue
-        m = ms[n]
+    for plan in pair:
+        m, (first, times) = ms[plan.name], runs[plan.name]
+        step = steady(times)
         warm = m.recompile_s
         if plan.compile:
-            warm = again.compile_s if warm is None else min(warm, again.compile_s)
-        ms[n] = replace(m, status="measured", step_s=min(m.step_s, again.step_s), timed=max(m.timed, again.timed),
-                        recompile_s=warm)
+            warm = max(first - step, 0.0) if warm is None else min(warm, max(first - step, 0.0))
+        ms[plan.name] = replace(m, status="measured", step_s=step, timed=max(m.timed, len(times)), recompile_s=warm)
     return ms
 
 
