@@ -207,10 +207,12 @@ def test_cached_warm_recompiles_count_only_while_inductors_cache_exists(monkeypa
 
 
 def _choose(monkeypatch, tmp_path, steps, step_s, compile_s=None, eager=(A, B), compiled=(), recompile_s=None, **kw):
+    """``choose`` on fake plans and a fake clock; ``compiled``: the compile candidates, or a
+    function (device, like) -> them, built on the eager kernels given."""
     monkeypatch.setenv("DITS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(P, "RECHECK_MARGIN", -1.0)  # no second look: these fakes time without noise (its own test below)
     monkeypatch.setattr(P, "eager_candidates", lambda device, precision: list(eager))
-    monkeypatch.setattr(P, "compile_candidates", lambda device, like: list(compiled))
+    monkeypatch.setattr(P, "compile_candidates", compiled if callable(compiled) else lambda device, like: list(compiled))
     clock = Clock()
     make, made, deadline = fake_plans(clock, step_s, compile_s, recompile_s)
     key = P.plan_key(CPU, {"depth": 1}, 8, "fp32")
@@ -404,20 +406,13 @@ def test_an_eager_tie_builds_the_compiled_candidates_on_the_compilers_own_kernel
     far = {**ms, A.name: P.Measurement(A.name, "measured", step_s=0.050, timed=8)}  # oneDNN 2x (a Zen 5)
     assert P.graph_kernels(far, eager) == A
     # the whole probe on those figures, with compiled candidates built on the kernels given
-    monkeypatch.setenv("DITS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(P, "RECHECK_MARGIN", -1.0)
-    monkeypatch.setattr(P, "eager_candidates", lambda device, precision: list(eager))
-    monkeypatch.setattr(P, "compile_candidates", lambda device, like: [P.Plan(m, like.gemm, like.attention)
-                                                                       for m in ("compile-blocks", "compile-model")])
     costs = {**timed, BLOCKS_O.name: 0.1127, MODEL_O.name: 0.1016, BLOCKS_M.name: 0.083, MODEL_M.name: 0.0722,
              "compile-blocks+onednn+math": 0.095, BLOCKS.name: 0.090}
     cold = {BLOCKS_O.name: 16.0, MODEL_O.name: 41.0, BLOCKS_M.name: 28.0, MODEL_M.name: 51.0,
             "compile-blocks+onednn+math": 20.0, BLOCKS.name: 25.0}
-    clock = Clock()
-    make, made, deadline = fake_plans(clock, costs, cold)
-    key = P.plan_key(CPU, {"depth": 1}, 8, "fp32")
-    choice = P.choose("auto", compile_mode="auto", device=CPU, precision="fp32", steps=4000, key=key,
-                      make_step=make, clock=clock, deadline=deadline)
+    choice, made = _choose(monkeypatch, tmp_path, 4000, costs, cold, eager=eager,
+                           compiled=lambda device, like: [P.Plan(m, like.gemm, like.attention)
+                                                          for m in ("compile-blocks", "compile-model")])
     assert made[4:6] == [BLOCKS_M.name, "compile-blocks+onednn+math"], made
     assert BLOCKS_O.name not in made and MODEL_O.name not in made, made
     # 96.6 s of compile budget: the two per-block compiles (48 s), then the whole model, cut short

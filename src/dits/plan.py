@@ -703,7 +703,9 @@ def side_by_side(ms: dict[str, Measurement], pair: list[Plan], make_step: Callab
 
 
 def stage1_pair(plans: list[Plan]) -> list[Plan]:
-    """The per-block compiles of :func:`candidates_for`'s first stage (the two GEMM backends)."""
+    """The first two per-block compiles of ``plans``: :func:`candidates_for`'s first stage (the two
+    GEMM backends), or, where there is no GEMM choice (half precision), the per-block compile and its
+    other-attention twin of stage 3."""
     return [p for p in plans if p.mode == "compile-blocks"][:2]
 
 
@@ -744,7 +746,8 @@ def second_look(ms: dict[str, Measurement], plans: list[Plan], make_step: Callab
         step = steady(times)
         warm = m.recompile_s
         if plan.compile:
-            warm = max(first - step, 0.0) if warm is None else min(warm, max(first - step, 0.0))
+            again = max(first - step, 0.0)
+            warm = again if warm is None else min(warm, again)
         ms[plan.name] = replace(m, status="measured", step_s=step, timed=max(m.timed, len(times)), recompile_s=warm)
     return ms
 
